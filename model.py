@@ -1,0 +1,326 @@
+"""EfficientNet B0-B7 (Tan & Le, 2019, https://arxiv.org/abs/1905.11946).
+
+    from model import create_model
+    model = create_model("b0", num_classes=5)                          # from scratch
+    model = create_model("b0", num_classes=5, weights="efficientnet_b0_rwightman-7f5810bc.pth")
+
+The network is a 3x3 stem, sixteen (B0) to fifty-five (B7) MBConv blocks in seven stages, a 1x1
+"top" conv, global average pooling and a linear classifier. B1-B7 scale B0's width and depth
+(compound scaling); `VARIANTS` below is the one table of per-variant numbers that every script reads.
+
+Module names follow the tutorial this repo grows from (`features.stem_conv`, `features.2a.block.se`,
+`features.top`, `classifier.1`), so its checkpoints load as they are. torchvision's official
+weight files (`features.1.0.block.0.0.weight`, ...) are renamed on load; see `read_weights`.
+"""
+import math
+import pickle
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.ops import SqueezeExcitation, StochasticDepth
+
+
+@dataclass(frozen=True)
+class Variant:
+    width: float        # channel multiplier
+    depth: float        # block-count multiplier
+    dropout: float      # before the classifier
+    train_size: int     # the paper's resolution
+    eval_resize: int    # torchvision's eval transform: resize the shorter side to this ...
+    eval_crop: int      # ... then centre-crop this
+    interpolation: str = "bicubic"
+    mean: tuple = (0.485, 0.456, 0.406)  # ImageNet statistics, for all variants
+    std: tuple = (0.229, 0.224, 0.225)
+
+    @property
+    def crop_pct(self):
+        return self.eval_crop / self.eval_resize
+
+    def eval_sizes(self, img_size):
+        """(resize, crop) for a model trained at `img_size`, keeping torchvision's crop ratio."""
+        return round(img_size / self.crop_pct), img_size
+
+
+VARIANTS = {
+    "b0": Variant(1.0, 1.0, 0.2, 224, 256, 224),
+    "b1": Variant(1.0, 1.1, 0.2, 240, 256, 240),
+    "b2": Variant(1.1, 1.2, 0.3, 260, 288, 288),
+    "b3": Variant(1.2, 1.4, 0.3, 300, 320, 300),
+    "b4": Variant(1.4, 1.8, 0.4, 380, 384, 380),
+    "b5": Variant(1.6, 2.2, 0.4, 456, 456, 456),
+    "b6": Variant(1.8, 2.6, 0.5, 528, 528, 528),
+    "b7": Variant(2.0, 3.1, 0.5, 600, 600, 600),
+}
+
+# B0's seven stages: expand ratio, kernel, stride of the first block, in and out channels, repeats
+STAGES = [
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+]
+
+
+def variant_name(name):
+    """'b3', 'B3', 'efficientnet_b3' and 'efficientnet-b3' all mean 'b3'."""
+    key = str(name).lower().replace("efficientnet", "").strip("_-")
+    if key not in VARIANTS:
+        raise WeightsError(f"unknown model '{name}': choose one of {', '.join(VARIANTS)}")
+    return key
+
+
+def make_divisible(channels, divisor=8):
+    """Round to the nearest multiple of 8 (hardware-friendly), never more than 10 % down."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv (no bias, 'same' padding) -> BatchNorm -> SiLU; `act=False` for the linear projection."""
+
+    def __init__(self, cin, cout, kernel=1, stride=1, groups=1, act=True, norm=nn.BatchNorm2d):
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+            norm(cout),
+            nn.SiLU(inplace=True) if act else nn.Identity(),
+        )
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck: 1x1 expand, depthwise conv, squeeze-excite, 1x1 project, skip."""
+
+    def __init__(self, cin, cout, expand, kernel, stride, drop_prob, norm):
+        super().__init__()
+        mid = cin * expand
+        layers = OrderedDict()
+        if expand != 1:
+            layers["expand_conv"] = ConvBNAct(cin, mid, 1, norm=norm)
+        layers["dwconv"] = ConvBNAct(mid, mid, kernel, stride, groups=mid, norm=norm)
+        # the squeeze width comes from the block's input channels, not the expanded ones
+        layers["se"] = SqueezeExcitation(mid, max(1, cin // 4), activation=nn.SiLU)
+        layers["project_conv"] = ConvBNAct(mid, cout, 1, act=False, norm=norm)
+        self.block = nn.Sequential(layers)
+        self.use_skip = stride == 1 and cin == cout
+        # stochastic depth: during training the whole residual branch is dropped per sample
+        self.drop_path = StochasticDepth(drop_prob, "row")
+
+    def forward(self, x):
+        out = self.block(x)
+        if self.use_skip:
+            out = self.drop_path(out) + x
+        return out
+
+
+class EfficientNet(nn.Module):
+    def __init__(self, width, depth, dropout, num_classes=1000, drop_path_rate=0.2,
+                 bn_eps=1e-3, bn_momentum=0.1, grad_checkpointing=False):
+        super().__init__()
+        norm = partial(nn.BatchNorm2d, eps=bn_eps, momentum=bn_momentum)
+        ch = lambda c: make_divisible(c * width)  # noqa: E731
+        repeats = [math.ceil(r * depth) for *_, r in STAGES]
+
+        layers = OrderedDict(stem_conv=ConvBNAct(3, ch(32), 3, 2, norm=norm))
+        index, total = 0, sum(repeats)
+        for stage, ((expand, kernel, stride, cin, cout, _), n) in enumerate(zip(STAGES, repeats), 1):
+            for i in range(n):
+                # deeper blocks are dropped more often: the rate rises linearly from 0 to drop_path_rate
+                layers[f"{stage}{chr(ord('a') + i)}"] = MBConv(
+                    ch(cin) if i == 0 else ch(cout), ch(cout), expand, kernel,
+                    stride if i == 0 else 1, drop_path_rate * index / total, norm)
+                index += 1
+        layers["top"] = ConvBNAct(ch(320), ch(1280), 1, norm=norm)
+        self.features = nn.Sequential(layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(dropout, inplace=True), nn.Linear(ch(1280), num_classes))
+        self.grad_checkpointing = grad_checkpointing
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.reset_classifier(self.classifier[1].out_features)
+
+    def reset_classifier(self, num_classes):
+        old = self.classifier[1]
+        self.classifier[1] = nn.Linear(old.in_features, num_classes, device=old.weight.device)
+        bound = 1.0 / math.sqrt(num_classes)
+        nn.init.uniform_(self.classifier[1].weight, -bound, bound)
+        nn.init.zeros_(self.classifier[1].bias)
+
+    def forward(self, x):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # recompute each block's activations in backward: less memory, same gradients
+            for block in self.features:
+                x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = self.features(x)
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+
+def efficientnet(name, num_classes=1000, **options):
+    v = VARIANTS[variant_name(name)]
+    return EfficientNet(v.width, v.depth, v.dropout, num_classes, **options)
+
+
+def efficientnet_b0(num_classes=1000, **options): return efficientnet("b0", num_classes, **options)
+def efficientnet_b1(num_classes=1000, **options): return efficientnet("b1", num_classes, **options)
+def efficientnet_b2(num_classes=1000, **options): return efficientnet("b2", num_classes, **options)
+def efficientnet_b3(num_classes=1000, **options): return efficientnet("b3", num_classes, **options)
+def efficientnet_b4(num_classes=1000, **options): return efficientnet("b4", num_classes, **options)
+def efficientnet_b5(num_classes=1000, **options): return efficientnet("b5", num_classes, **options)
+def efficientnet_b6(num_classes=1000, **options): return efficientnet("b6", num_classes, **options)
+def efficientnet_b7(num_classes=1000, **options): return efficientnet("b7", num_classes, **options)
+
+
+@torch.no_grad()
+def fuse_bn(model):
+    """Fold every BatchNorm into the conv before it (eval only): fewer ops, same outputs."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, ConvBNAct) and isinstance(m[1], nn.BatchNorm2d):
+            m[0] = torch.nn.utils.fusion.fuse_conv_bn_eval(m[0], m[1])
+            m[1] = nn.Identity()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: torchvision's files, the tutorial's files and this repo's checkpoints
+# ---------------------------------------------------------------------------------------------
+
+class WeightsError(ValueError):
+    """A weights file or model name the user gave cannot be used; the message says why."""
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: a file that would run code on unpickling is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"weights file not found: {path}") from None
+    except IsADirectoryError:
+        raise WeightsError(f"{path} is a folder; pass the .pth file inside it") from None
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"refusing to load {path}: it is not a plain weights file and would need "
+                           f"arbitrary code to unpickle ({str(e).splitlines()[0][:120]}); "
+                           "re-save it as a state_dict from a trusted source") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightsError(f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+
+
+def _unwrap(obj):
+    """The state_dict inside a checkpoint: {'model': sd}, {'state_dict': sd} or sd itself."""
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def _from_torchvision(sd):
+    """Rename torchvision's keys to ours. features.0 is the stem, 1-7 the stages, 8 the top conv;
+    a block's `block.j` children are (expand, dw, se, project) or, without expansion, (dw, se, project)."""
+    last = max(int(k.split(".")[1]) for k in sd if k.startswith("features."))
+    blocks_with_expand = {m.group(1) for k in sd if (m := re.match(r"features\.(\d+\.\d+)\.block\.3\.", k))}
+    out = OrderedDict()
+    for key, value in sd.items():
+        if m := re.match(r"features\.(\d+)\.(\d+)\.block\.(\d+)\.(.*)", key):
+            stage, i, j, rest = m.groups()
+            parts = ["expand_conv", "dwconv", "se", "project_conv"]
+            if f"{stage}.{i}" not in blocks_with_expand:
+                parts = parts[1:]
+            key = f"features.{stage}{chr(ord('a') + int(i))}.block.{parts[int(j)]}.{rest}"
+        elif m := re.match(r"features\.(\d+)\.(.*)", key):
+            stage, rest = m.groups()
+            key = f"features.{'stem_conv' if stage == '0' else 'top' if int(stage) == last else stage}.{rest}"
+        out[key] = value
+    return out
+
+
+def _signature(sd):
+    """(number of MBConv blocks, top conv width): unique for each of B0-B7."""
+    blocks = {k.split(".")[1] for k in sd if re.match(r"features\.\d+[a-z]+\.", k)}
+    top = sd.get("features.top.0.weight")
+    return len(blocks), None if top is None else top.shape[0]
+
+
+_SIGNATURE_TO_VARIANT = {
+    (sum(math.ceil(r * v.depth) for *_, r in STAGES), make_divisible(1280 * v.width)): name
+    for name, v in VARIANTS.items()
+}
+
+
+def read_weights(source, where="weights"):
+    """A state_dict in this repo's naming plus what the file tells about itself.
+
+    `source` is a path or an already loaded object. Returns (state_dict, info) where info has
+    'variant', 'num_classes', 'bn_eps', 'format' and, for this repo's checkpoints, their metadata.
+    """
+    if not isinstance(source, dict):
+        where = str(source)
+        source = load_checkpoint(source)
+    sd = _unwrap(source)
+    # this repo's checkpoints keep their self-description under "meta"
+    meta = source.get("meta", {}) if isinstance(source, dict) and sd is not source else {}
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{where} holds no state_dict of tensors; expected an EfficientNet weights file")
+    # DDP and torch.compile add prefixes to every key
+    sd = OrderedDict((re.sub(r"^(module\.|_orig_mod\.)+", "", k), v) for k, v in sd.items())
+    if "features.0.0.weight" in sd:
+        fmt, sd = "torchvision", _from_torchvision(sd)
+    elif "features.stem_conv.0.weight" in sd:
+        fmt = "efficientnet-scripts" if "variant" in meta else "tutorial"
+    else:
+        raise WeightsError(f"{where} is not an EfficientNet state_dict (no stem conv among its keys)")
+    variant = _SIGNATURE_TO_VARIANT.get(_signature(sd))
+    if variant is None:
+        raise WeightsError(f"{where} does not match any of EfficientNet B0-B7 "
+                           f"({_signature(sd)[0]} blocks, top width {_signature(sd)[1]})")
+    # torchvision trained B0-B4 with PyTorch's BatchNorm eps (1e-5) and B5-B7 with Keras' (1e-3)
+    default_eps = 1e-5 if fmt == "torchvision" and variant in ("b0", "b1", "b2", "b3", "b4") else 1e-3
+    info = dict(meta, variant=variant, format=fmt, bn_eps=meta.get("bn_eps", default_eps),
+                num_classes=sd["classifier.1.weight"].shape[0] if "classifier.1.weight" in sd else None)
+    return sd, info
+
+
+def create_model(name, num_classes=1000, weights=None, verbose=True, **options):
+    """EfficientNet `name` ('b0'..'b7'), optionally loaded from `weights` (a path or a state_dict
+    in torchvision's, the tutorial's or this repo's format). A checkpoint with another class count
+    gets a fresh classifier; anything else that does not fit is a WeightsError."""
+    name = variant_name(name)
+    if weights is None:
+        return efficientnet(name, num_classes, **options)
+    sd, info = read_weights(weights)
+    where = weights if isinstance(weights, str) else "the given state_dict"
+    if info["variant"] != name:
+        raise WeightsError(f"{where} holds EfficientNet-{info['variant'].upper()} weights, not "
+                           f"{name.upper()}: use --model {info['variant']}")
+    options.setdefault("bn_eps", info["bn_eps"])
+    model = efficientnet(name, num_classes, **options)
+    if info["num_classes"] != num_classes:
+        sd = OrderedDict((k, v) for k, v in sd.items() if not k.startswith("classifier."))
+        if verbose:
+            print(f"note: {where} has a {info['num_classes']}-class head; "
+                  f"a new {num_classes}-class classifier is initialised")
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise WeightsError(f"{where} does not fit EfficientNet-{name.upper()}: "
+                           f"{str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if not k.startswith("classifier.")]
+    if missing or unexpected:
+        raise WeightsError(f"{where} does not fit EfficientNet-{name.upper()}: "
+                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
