@@ -157,8 +157,9 @@ class EfficientNet(nn.Module):
     def reset_classifier(self, num_classes):
         old = self.classifier[1]
         self.classifier[1] = nn.Linear(old.in_features, num_classes, device=old.weight.device)
-        bound = 1.0 / math.sqrt(num_classes)
-        nn.init.uniform_(self.classifier[1].weight, -bound, bound)
+        # small weights, so training starts from near-uniform predictions (loss ~ ln(classes))
+        # whatever the class count; torchvision's 1/sqrt(classes) range suits only 1000 classes
+        nn.init.normal_(self.classifier[1].weight, 0, 0.01)
         nn.init.zeros_(self.classifier[1].bias)
 
     def forward(self, x):

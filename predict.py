@@ -1,0 +1,236 @@
+"""Classify images with a trained EfficientNet; everything but the images comes from the weights file.
+
+    python predict.py photo.jpg --weights weights/b0-flower_photos/best.pth
+    python predict.py data/digits/3 --weights weights/b0-digits/best.pth --topk 3
+    python predict.py "shots/**/*.jpg" --weights efficientnet_b0_rwightman-7f5810bc.pth --json
+    python predict.py my_photos --weights best.pth --csv predictions.csv --plot predictions.png
+
+PATH may be image files, folders (searched recursively) or glob patterns. Weights are this repo's
+checkpoints (variant, classes and preprocessing are inside), or raw state_dicts: torchvision's
+official files (ImageNet class names and torchvision's own eval transform) or the tutorial's
+(class names from class_indices.json beside the file, or --class-indices).
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+
+import utils
+from model import VARIANTS, WeightsError, Variant, create_model, fuse_bn, read_weights
+from my_dataset import load_rgb
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Predict the class of images with an EfficientNet.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("--weights", required=True, help="best.pth from train.py, or a torchvision / tutorial state_dict")
+    p.add_argument("--model", default=None, choices=list(VARIANTS), help="variant (default: read from the weights)")
+    p.add_argument("--class-indices", default=None,
+                   help="class_indices.json with the class names (default: from the checkpoint, or beside it)")
+    p.add_argument("--topk", type=int, default=1, help="how many classes to show per image")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the predictions to this CSV file")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the images with their top class")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
+    p.add_argument("--workers", type=int, default=utils.default_workers(), help="image decoding processes")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast: faster on recent GPUs and AMX CPUs, "
+                   "probabilities differ in the third decimal")
+    return p
+
+
+def expand_paths(patterns):
+    """(image paths, [(pattern, error)]): folders are searched recursively, globs expanded; sorted."""
+    found, missing = [], []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            matches = utils.list_images(pattern)
+        elif os.path.isfile(pattern):
+            matches = [pattern]
+        else:
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if matches:
+            found += matches
+        else:
+            missing.append((pattern, "no such file" if not glob.has_magic(pattern) else "no file matches"))
+    return list(dict.fromkeys(found)), missing
+
+
+def class_names(info, weights_path, class_indices, num_classes):
+    if class_indices:
+        names = utils.read_class_indices(class_indices)
+    elif info.get("classes"):
+        names = info["classes"]
+    elif os.path.isfile(beside := os.path.join(os.path.dirname(os.path.abspath(weights_path)), "class_indices.json")):
+        names = utils.read_class_indices(beside)
+    elif num_classes == 1000:  # ImageNet weights: the category names ship with torchvision
+        names = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
+    else:
+        names = [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise utils.DataError(f"the weights have {num_classes} classes but {len(names)} class names were found; "
+                              "pass the matching --class-indices")
+    return names
+
+
+def eval_transform(info, variant_name):
+    """The checkpoint's own eval preprocessing, or torchvision's for the variant of a raw file."""
+    v = VARIANTS[variant_name]
+    if "eval_crop" in info:
+        v = Variant(v.width, v.depth, v.dropout, info["img_size"], info["eval_resize"], info["eval_crop"],
+                    info["interpolation"], tuple(info["mean"]), tuple(info["std"]))
+    return utils.build_transform(v, v.eval_crop, train=False, eval_sizes=(v.eval_resize, v.eval_crop)), v.eval_resize
+
+
+class ImagePaths(Dataset):
+    """(index, tensor or None, error message) for each path: a bad file is reported, not raised."""
+
+    def __init__(self, paths, transform, draft_size):
+        self.paths, self.transform, self.draft_size = paths, transform, draft_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.transform(load_rgb(self.paths[i], self.draft_size)), None
+        except Exception as e:
+            return i, None, f"cannot read image: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+
+    @staticmethod
+    def collate(batch):
+        good = [b for b in batch if b[1] is not None]
+        images = torch.stack([b[1] for b in good]) if good else None
+        return [b[0] for b in good], images, [(b[0], b[2]) for b in batch if b[1] is None]
+
+
+def choose_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else
+                            "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise utils.DataError(f"--device {name} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise utils.DataError("--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu")
+    return device
+
+
+def load_model(weights, model_name=None, device=torch.device("cpu")):
+    """(model ready for inference, class names, eval transform, resize) from a weights file."""
+    sd, info = read_weights(weights)
+    model = create_model(model_name or info["variant"], info["num_classes"], weights=sd, bn_eps=info["bn_eps"])
+    model = fuse_bn(model).to(device, memory_format=torch.channels_last)
+    transform, resize = eval_transform(info, info["variant"])
+    return model, info, transform, resize
+
+
+def predict(model, loader, device, topk, amp=False):
+    """Yields (index, probabilities of the top k, their class indices) or (index, error, None)."""
+    with torch.inference_mode():
+        for indices, images, failures in loader:
+            for i, error in failures:
+                yield i, error, None
+            if images is None:
+                continue
+            images = images.to(device, memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                probs = model(images).float().softmax(1)
+            top = probs.topk(topk)
+            for i, p, c in zip(indices, top.values.tolist(), top.indices.tolist()):
+                yield i, p, c
+
+
+def plot_predictions(results, path, limit=64):
+    plt = utils._pyplot()
+    shown = [r for r in results if "topk" in r][:limit]
+    if not shown:
+        return
+    cols = min(8, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, shown):
+        img = load_rgb(r["path"], 256)
+        img.thumbnail((256, 256))
+        ax.imshow(img)
+        top = r["topk"][0]
+        ax.set_title(f"{top['class'][:18]} ({top['prob']:.2f})\n{os.path.basename(r['path'])[:22]}", fontsize=8)
+    utils.save_figure(fig, path)
+
+
+def main(args):
+    device = choose_device(args.device)
+    model, info, transform, resize = load_model(args.weights, args.model, device)
+    names = class_names(info, args.weights, args.class_indices, info["num_classes"])
+    topk = min(args.topk, len(names))
+    paths, missing = expand_paths(args.paths)
+    # a large JPEG decodes at reduced size, but at least twice the resize: the resize still antialiases
+    dataset = ImagePaths(paths, transform, draft_size=2 * resize)
+    workers = args.workers if len(paths) > args.batch_size else 0
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
+                        collate_fn=ImagePaths.collate, pin_memory=device.type == "cuda")
+
+    results = [{"path": p, "error": e} for p, e in missing]
+    for r in results:
+        show(r, args)
+    for i, probs, classes in predict(model, loader, device, topk, args.amp):
+        if classes is None:
+            results.append({"path": paths[i], "error": probs})
+        else:
+            results.append({"path": paths[i], "topk": [{"index": c, "class": names[c], "prob": round(p, 6)}
+                                                        for p, c in zip(probs, classes)]})
+        show(results[-1], args)
+    if args.csv:
+        write_csv(args.csv, results, topk)
+    if args.plot:
+        plot_predictions(results, args.plot)
+    failed = sum("error" in r for r in results)
+    if failed and not args.json:
+        print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def show(result, args):
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False), flush=True)
+    elif "error" in result:
+        print(f"{result['path']}: error: {result['error']}", file=sys.stderr)
+    elif len(result["topk"]) == 1:
+        top = result["topk"][0]
+        print(f"{result['path']}: {top['class']} ({top['prob']:.3f})")
+    else:
+        print(result["path"])
+        for rank, t in enumerate(result["topk"], 1):
+            print(f"  {rank}. {t['class']:<30} {t['prob']:.4f}")
+
+
+def write_csv(path, results, topk):
+    header = ["path"] + [f"{field}{k}" for k in range(1, topk + 1) for field in ("class", "prob")] + ["error"]
+    lines = [",".join(header)]
+    for r in results:
+        cells = [utils._csv_text(r["path"])]
+        for t in r.get("topk", [{"class": "", "prob": ""}] * topk):
+            cells += [utils._csv_text(t["class"]), str(t["prob"])]
+        lines.append(",".join(cells + [utils._csv_text(r.get("error", ""))]))
+    utils.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    if args.topk < 1 or args.batch_size < 1:
+        get_args_parser().error("--topk and --batch-size must be at least 1")
+    try:
+        sys.exit(main(args))
+    except (utils.DataError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,415 @@
+"""Train an EfficientNet classifier on a folder of images (one sub-folder per class).
+
+    python train.py --img-size 64 --epochs 6                      # B0 on the bundled digits
+    python train.py --data-path data/flower_photos --model b0 --weights efficientnet_b0_rwightman-7f5810bc.pth
+    python train.py --resume weights/b0-flower_photos/last.pth    # continue an interrupted run
+    torchrun --nproc_per_node=4 train.py --data-path data/flower_photos
+
+Each run writes to its own folder (default weights/<model>-<dataset>, then -2, -3, ...): best.pth,
+last.pth, metrics.csv, curves.png, confusion_matrix.png, per_class.csv, class_indices.json.
+"""
+import argparse
+import datetime
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import utils
+from model import VARIANTS, WeightsError, create_model, load_checkpoint
+from my_dataset import MyDataSet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESUMABLE = ("epochs", "device", "workers", "data_path", "resume")  # flags a resumed run may change
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Train EfficientNet B0-B7 on a folder of images.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-path", default=os.path.join(HERE, "data", "digits"),
+                   help="folder with one sub-folder per class (or train/ and val/ folders of those)")
+    p.add_argument("--model", default="b0", choices=list(VARIANTS), help="EfficientNet variant")
+    p.add_argument("--img-size", type=int, default=None, help="training resolution (default: the variant's, 224 for b0)")
+    p.add_argument("--epochs", type=int, default=30, help="number of epochs to train")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step on each process")
+    p.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw", "rmsprop"], help="optimizer")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate for a batch of 32 (default: adamw 2e-3, sgd 0.05, rmsprop 0.016; "
+                        "a quarter of that with --weights). Scale it with the global batch size")
+    p.add_argument("--lrf", type=float, default=0.01, help="final learning rate as a fraction of --lr (cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay, not applied to BatchNorm and biases (default: adamw 0.05, else 1e-5)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear learning-rate warm-up, in epochs")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("MIN", "MAX"),
+                   help="area range of RandomResizedCrop")
+    p.add_argument("--no-hflip", action="store_true",
+                   help="no random horizontal flips (for data where mirroring changes the class: digits, text)")
+    p.add_argument("--weights", default=None, help="initial weights: torchvision's or the tutorial's file, or a checkpoint")
+    p.add_argument("--freeze-layers", action="store_true",
+                   help="train only the last conv block (features.top) and the classifier")
+    p.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision: bf16 or fp16 autocast (fp16 with a grad scaler); auto = bf16 where "
+                        "the hardware runs it fast (recent GPUs, CPUs with AVX512-BF16/AMX), else off")
+    p.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights; it is "
+                   "what gets evaluated and saved")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=1, help="accumulate gradients over this many batches")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format (faster convolutions on CPU and tensor cores)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward: much less memory for B4-B7, ~25%% slower")
+    p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across GPUs (torchrun)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
+    p.add_argument("--workers", type=int, default=utils.default_workers(), help="data loading processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and of training")
+    p.add_argument("--val-rate", type=float, default=0.2, help="fraction of each class held out for validation")
+    p.add_argument("--output-dir", default=None, help="run folder (default: weights/<model>-<dataset>, never reused)")
+    p.add_argument("--exist-ok", action="store_true", help="allow --output-dir to be a folder that holds a run")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="FILE",
+                   help="continue from FILE (a last.pth), or from --output-dir's last.pth")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate --weights (or --resume) on the validation set")
+    return p
+
+
+def check_args(p, args):
+    """Refuse nonsense before anything is loaded."""
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum}
+    for flag, value in positive.items():
+        if value < 1:
+            p.error(f"{flag} must be at least 1 (got {value})")
+    if args.img_size is not None and args.img_size < 32:
+        p.error(f"--img-size must be at least 32 pixels (got {args.img_size})")
+    if not 0 < args.val_rate < 1:
+        p.error(f"--val-rate must be between 0 and 1 (got {args.val_rate})")
+    if args.workers < 0:
+        p.error(f"--workers must be 0 or more (got {args.workers})")
+    lo, hi = args.crop_scale
+    if not 0 < lo <= hi <= 1:
+        p.error(f"--crop-scale needs 0 < MIN <= MAX <= 1 (got {lo} {hi})")
+    for flag in ("lr", "lrf", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad"):
+        value = getattr(args, flag)
+        if value is not None and (value < 0 or not math.isfinite(value)):
+            p.error(f"--{flag.replace('_', '-')} must be a finite number >= 0 (got {value})")
+    if not 0 < args.ema_decay < 1:
+        p.error(f"--ema-decay must be between 0 and 1 (got {args.ema_decay})")
+
+
+def choose_device(name, local_rank):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise utils.DataError(f"--device {name} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise utils.DataError("--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise utils.DataError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+        if local_rank and device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def amp_dtype(mode, device):
+    """The autocast dtype, or None for full fp32."""
+    if mode == "auto":
+        fast_bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                     else device.type == "cpu" and torch.backends.mkldnn.is_available()
+                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        mode = "bf16" if fast_bf16 else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+
+def default_run_dir(args):
+    base = os.path.join("weights", f"{args.model}-{os.path.basename(os.path.normpath(args.data_path))}")
+    run_dir, n = base, 1
+    while os.path.exists(run_dir):  # an earlier run is never overwritten
+        n += 1
+        run_dir = f"{base}-{n}"
+    return run_dir
+
+
+def prepare_run_dir(args):
+    if args.output_dir is None:
+        args.output_dir = default_run_dir(args)
+    elif os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.exist_ok:
+        raise utils.DataError(f"--output-dir {args.output_dir} already holds files: pass --resume to continue "
+                              "that run, --exist-ok to write into it anyway, or choose another folder")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        utils.atomic_write_text(os.path.join(args.output_dir, ".write-test"), "ok")
+        os.remove(os.path.join(args.output_dir, ".write-test"))
+    except OSError as e:
+        raise utils.DataError(f"cannot write to the run folder {args.output_dir} ({e.strerror}): "
+                              "choose another with --output-dir or free some space") from None
+
+
+def build_optimizer(args, model):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            # BatchNorm weights and all biases are 1-d: decaying them only hurts
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
+    if args.optimizer == "rmsprop":  # the paper's optimizer, with TF's decay, momentum and epsilon
+        return torch.optim.RMSprop(groups, lr=args.lr, alpha=0.9, momentum=0.9, eps=1e-3)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def lr_lambda(args, steps_per_epoch):
+    """Linear warm-up, then cosine decay from 1 to lrf; one call per optimizer step."""
+    warmup = round(args.warmup_epochs * steps_per_epoch)
+    total = max(args.epochs * steps_per_epoch, warmup + 1)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(total - warmup, 1)
+        return args.lrf + (1 - args.lrf) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def set_defaults(args):
+    v = VARIANTS[args.model]
+    args.img_size = args.img_size or v.train_size
+    if args.lr is None:
+        base = {"adamw": 2e-3, "sgd": 0.05, "rmsprop": 0.016}[args.optimizer]
+        args.lr = base / (4 if args.weights else 1)  # pretrained weights want gentler steps
+    if args.weight_decay is None:
+        args.weight_decay = 0.05 if args.optimizer == "adamw" else 1e-5
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def setup_distributed():
+    """(rank, world size, local rank), initialising the process group when run under torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def load_resume(args, parser):
+    """Restore a run from its last.pth: its own flags, except those in RESUMABLE given now."""
+    path = args.resume or os.path.join(args.output_dir or "", "last.pth")
+    if not os.path.isfile(path):
+        raise utils.DataError(f"--resume: no checkpoint at {path}; pass the run's last.pth, "
+                              "e.g. --resume weights/b0-digits/last.pth")
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "args" not in ckpt.get("meta", {}):
+        raise utils.DataError(f"--resume: {path} is not a last.pth written by train.py; to start from its "
+                              "weights use --weights instead")
+    given = {k: v for k, v in vars(args).items() if k in RESUMABLE and v != parser.get_default(k)}
+    restored = argparse.Namespace(**dict(ckpt["meta"]["args"], **given))
+    restored.output_dir = os.path.dirname(os.path.abspath(path))
+    restored.resume, restored.eval_only = path, args.eval_only
+    return restored, ckpt
+
+
+def main(args, parser):
+    rank, world, local_rank = setup_distributed()
+    is_main = rank == 0
+    print0 = print if is_main else (lambda *a, **k: None)
+    ckpt = None
+    if args.resume is not None:
+        args, ckpt = load_resume(args, parser)
+    set_defaults(args)
+    device = choose_device(args.device, local_rank)
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    variant = VARIANTS[args.model]
+    autocast = amp_dtype(args.amp, device)
+
+    split = utils.read_split_data(args.data_path, args.val_rate, args.seed)
+    classes = split.classes
+    if ckpt is not None and ckpt["meta"]["classes"] != classes:
+        raise utils.DataError(f"--resume: {args.data_path} has classes {classes}, but the run was trained on "
+                              f"{ckpt['meta']['classes']}; resume with the same data or start a new run")
+    if is_main and not args.eval_only:
+        if ckpt is None:
+            prepare_run_dir(args)
+        utils.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), classes)
+        utils.plot_class_distribution(split, os.path.join(args.output_dir, "class_distribution.png"))
+
+    # never decode a large JPEG smaller than the largest training crop can use
+    draft = round(args.img_size / math.sqrt(args.crop_scale[0]))
+    train_set = MyDataSet(split.train_images, split.train_labels, draft_size=draft, transform=utils.build_transform(
+        variant, args.img_size, train=True, scale=tuple(args.crop_scale), hflip=not args.no_hflip))
+    # and a validation JPEG not below twice the resize, as predict.py does, so both see the same pixels
+    val_set = MyDataSet(split.val_images, split.val_labels, draft_size=2 * variant.eval_sizes(args.img_size)[0],
+                        transform=utils.build_transform(variant, args.img_size, train=False))
+    # every validation image is evaluated exactly once across ranks: no padding, no duplicates
+    val_part = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    train_sampler = (torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+                     if world > 1 else None)
+    train_loader = utils.make_loader(train_set, args.batch_size, True, args.workers, device, train_sampler)
+    val_loader = utils.make_loader(val_part, args.batch_size, False, args.workers, device)
+
+    weights = ckpt if ckpt is not None else args.weights
+    model = create_model(args.model, len(classes), weights=weights, verbose=is_main,
+                         grad_checkpointing=args.grad_checkpointing)
+    bn_eps = model.features.stem_conv[1].eps
+    if args.freeze_layers:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(("features.top.", "classifier."))
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    if world > 1 and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw_model = model  # what gets saved: never the DDP or compiled wrapper
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True) \
+        if args.ema else None
+    eval_model = ema.module if ema is not None else model
+
+    if args.eval_only:
+        result = utils.evaluate(eval_model, val_loader, device, len(classes), autocast, args.channels_last, is_main)
+        print0(f"{len(split.val_images)} validation images: loss {result['val_loss']:.4f}  "
+               f"top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}")
+        for row in utils.per_class_rows(result["confusion"], classes):
+            print0(f"  {row['class']:>20}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+                   f"f1 {row['f1']:.3f}  support {row['support']}")
+        return 0
+
+    optimizer = build_optimizer(args, raw_model)
+    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
+    start_epoch, best, history, best_confusion = 1, -1.0, [], None
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+        start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best_top1"], ckpt["history"]
+        best_confusion = ckpt.get("best_confusion")
+        print0(f"resuming {args.output_dir} at epoch {start_epoch} (best val top-1 so far {best:.4f})")
+
+    meta = {"variant": args.model, "classes": classes, "img_size": args.img_size, "bn_eps": bn_eps,
+            "mean": list(variant.mean), "std": list(variant.std), "interpolation": variant.interpolation,
+            "eval_resize": variant.eval_sizes(args.img_size)[0], "eval_crop": args.img_size,
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+    out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
+
+    def save_last(epoch):
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if is_main:
+            utils.save_checkpoint({"model": raw_model.state_dict(), "meta": meta, "epoch": epoch,
+                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
+                                   "best_top1": best, "history": history, "best_confusion": best_confusion,
+                                   "rng": rngs}, out("last.pth"))
+
+    global_batch = args.batch_size * world * args.grad_accum
+    print0(f"EfficientNet-{args.model.upper()} at {args.img_size}px, {len(classes)} classes, "
+           f"{len(split.train_images)} train / {len(split.val_images)} val images, device {device}"
+           f"{f' x {world} processes' if world > 1 else ''}, global batch {global_batch}, "
+           f"{args.optimizer} lr {args.lr:g}, amp {autocast and str(autocast).split('.')[-1] or 'off'}")
+    print0(f"writing to {args.output_dir}")
+    if ckpt is None:
+        save_last(0)  # even a run stopped in its first epoch can be resumed
+    epoch = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            if train_sampler is not None:
+                train_sampler.set_epoch(epoch)
+            start = time.perf_counter()
+            train_loss, rate = utils.train_one_epoch(
+                model, optimizer, train_loader, device, epoch, scheduler, scaler, ema, autocast,
+                args.grad_accum, args.clip_grad, args.label_smoothing, args.channels_last, is_main)
+            result = utils.evaluate(eval_model, val_loader, device, len(classes), autocast,
+                                    args.channels_last, is_main)
+            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+                   **{k: result[k] for k in ("val_loss", "val_top1", "val_top5")},
+                   "epoch_seconds": time.perf_counter() - start, "images_per_second": rate}
+            history.append(row)
+            if result["val_top1"] > best:
+                best, best_confusion = result["val_top1"], result["confusion"]
+                if is_main:
+                    utils.save_checkpoint({"model": eval_model_state(raw_model, ema), "epoch": epoch,
+                                           "val_top1": best, "meta": meta}, out("best.pth"))
+            save_last(epoch)
+            if is_main:
+                utils.write_metrics(out("metrics.csv"), history)
+                utils.plot_curves(history, out("curves.png"))
+            print0(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}  "
+                   f"top-1 {row['val_top1']:.4f}  top-5 {row['val_top5']:.4f}  lr {row['lr']:.2e}  "
+                   f"{row['epoch_seconds']:.1f}s  {rate:.1f} img/s")
+    except KeyboardInterrupt:
+        print0(f"\ninterrupted in epoch {epoch + 1}; {out('last.pth')} holds epoch {epoch}. Resume with:\n"
+               f"  python train.py --resume {out('last.pth')}", file=sys.stderr)
+        return 130
+    except utils.NonFiniteLossError as e:
+        print0(f"error: {e}; stopped. {out('last.pth')} still holds epoch {epoch}: lower --lr, add "
+               "--clip-grad 1, or use --amp off, then --resume", file=sys.stderr)
+        return 1
+    if is_main and best_confusion is not None:
+        utils.plot_confusion(best_confusion, classes, out("confusion_matrix.png"),
+                             f"best epoch, val top-1 {best:.4f}")
+        utils.write_per_class(out("per_class.csv"), best_confusion, classes)
+    print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
+    return 0
+
+
+def eval_model_state(raw_model, ema):
+    return (ema.module if ema is not None else raw_model).state_dict()
+
+
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # handled like Ctrl-C: last.pth stays, the resume command is printed
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    args = parser.parse_args()
+    check_args(parser, args)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        code = main(args, parser)
+    except (utils.DataError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
