@@ -26,23 +26,26 @@ def load_rgb(path, draft_size=None):
     return to_rgb(img)
 
 
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
 def to_rgb(img):
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit and float images: scale to 0-255 instead of letting convert() clip them
+    if img.mode in ("I", "F", *SIXTEEN_BIT):
+        # 16-bit, 32-bit and float images: scale to 0-255 instead of letting convert() clip them
         pixels = np.asarray(img, dtype=np.float32)
         top = pixels.max(initial=0.0)
-        if img.mode == "F" and top <= 1.0:
+        if img.mode in SIXTEEN_BIT:
+            pixels = pixels / 257.0  # the full 16-bit range, as an image viewer shows it
+        elif img.mode == "F" and top <= 1.0:
             pixels = pixels * 255.0
         elif top > 255:
             pixels = pixels / 257.0 if top <= 65535 else pixels * (255.0 / top)
         img = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # also PNG colour keys
         rgba = img.convert("RGBA")
         img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img.alpha_composite(rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class MyDataSet(Dataset):

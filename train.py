@@ -288,13 +288,12 @@ def main(args, parser):
     if world > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw_model = model  # what gets saved: never the DDP or compiled wrapper
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    compiled = torch.compile(model) if args.compile else model
+    model = compiled if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        compiled, device_ids=[device.index] if device.type == "cuda" else None)
     ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True) \
         if args.ema else None
-    eval_model = ema.module if ema is not None else model
+    eval_model = ema.module if ema is not None else compiled
 
     if args.eval_only:
         result = utils.evaluate(eval_model, val_loader, device, len(classes), autocast, args.channels_last, is_main)
@@ -357,6 +356,8 @@ def main(args, parser):
             train_loss, rate = utils.train_one_epoch(
                 model, optimizer, train_loader, device, epoch, scheduler, scaler, ema, autocast,
                 args.grad_accum, args.clip_grad, args.label_smoothing, args.channels_last, is_main)
+            # BatchNorm statistics drift apart on each rank: evaluate (and save) rank 0's everywhere
+            utils.broadcast_buffers(eval_model)
             result = utils.evaluate(eval_model, val_loader, device, len(classes), autocast,
                                     args.channels_last, is_main)
             row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,

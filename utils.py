@@ -69,7 +69,13 @@ def find_val_folder(root):
     """root/val (or valid, validation) when root holds a train/val split already, else None."""
     if not os.path.isdir(os.path.join(root, "train")):
         return None
-    return next((os.path.join(root, v) for v in VAL_FOLDERS if os.path.isdir(os.path.join(root, v))), None)
+    found = next((os.path.join(root, v) for v in VAL_FOLDERS if os.path.isdir(os.path.join(root, v))), None)
+    # train/ holding class folders but nothing to validate on: never read train/ and test/ as two
+    # classes (a class that is really called "train" holds images, not folders)
+    if found is None and class_folders(os.path.join(root, "train")):
+        raise DataError(f"{root} has a train/ folder but no val/ (or valid/, validation/) beside it: "
+                        "add one, or point --data-path at the class folders themselves")
+    return found
 
 
 def scan_classes(root):
@@ -205,6 +211,12 @@ def default_workers():
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
+
+
+def broadcast_buffers(model):
+    if is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def all_reduce_sum(tensor):

@@ -1,0 +1,38 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "data", "digits")
+sys.path.insert(0, ROOT)
+
+
+def run_script(script, *args, cwd=None, timeout=300, check=True):
+    """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def copy_digits(dest, classes=("0", "1", "2"), per_class=10):
+    """A tiny real dataset: the first images of a few digit classes, in class folders."""
+    for c in classes:
+        os.makedirs(os.path.join(dest, c), exist_ok=True)
+        for name in sorted(os.listdir(os.path.join(DIGITS, c)))[:per_class]:
+            shutil.copy(os.path.join(DIGITS, c, name), os.path.join(dest, c, name))
+    return str(dest)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return copy_digits(tmp_path / "tiny")
+
+
+# a short, cheap training run: 32 px, small batches, no worker processes
+FAST = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "2"]

@@ -1,0 +1,65 @@
+"""train.py under a real `torchrun --standalone --nproc_per_node=2` on the CPU (gloo)."""
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from conftest import FAST, ROOT, copy_digits, run_script
+
+# Runs train.py's main() in each torchrun process, and records what each rank evaluates, so the
+# test can compare the ranks' weights; nothing in train.py is changed.
+SPY = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import torch, utils, train
+    evaluate = utils.evaluate
+    def spy(model, *args, **kwargs):
+        torch.save(model.state_dict(), os.path.join({spy_dir!r}, f"rank{{os.environ['RANK']}}.pth"))
+        return evaluate(model, *args, **kwargs)
+    utils.evaluate = spy
+    parser = train.get_args_parser()
+    args = parser.parse_args()
+    train.check_args(parser, args)
+    code = train.main(args, parser)
+    torch.distributed.destroy_process_group()
+    sys.exit(code)
+""")
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """Two gloo processes train 2 epochs; both end with identical weights, files are written once,
+    and the reported top-1 over an odd number of validation images equals a single-process
+    evaluation of best.pth (every image counted exactly once)."""
+    data = copy_digits(tmp_path / "data", classes=("0", "1", "2"), per_class=8)
+    os.remove(os.path.join(data, "2", sorted(os.listdir(os.path.join(data, "2")))[0]))  # class 2: 7 images
+    spy_dir = tmp_path / "spy"
+    spy_dir.mkdir()
+    script = tmp_path / "spy_train.py"
+    script.write_text(SPY.format(root=ROOT, spy_dir=str(spy_dir)))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--data-path", data, "--output-dir", str(out), *FAST]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "x 2 processes" in result.stdout and "global batch 16" in result.stdout
+    assert result.stdout.count("epoch 2/2") == 1  # only rank 0 prints
+
+    rank0 = torch.load(spy_dir / "rank0.pth", weights_only=True)
+    rank1 = torch.load(spy_dir / "rank1.pth", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # parameters and BN statistics
+    best = torch.load(out / "best.pth", weights_only=True)
+    assert not any(k.startswith("module.") for k in best["model"])
+
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # 3 classes of 8, 8, 7 images: 2 + 2 + 1 = 5 validation images, an odd number for 2 ranks
+    single = run_script("train.py", "--data-path", data, *FAST, "--weights", out / "best.pth", "--eval-only")
+    assert "5 validation images" in single.stdout
+    assert f"top-1 {best['val_top1']:.4f}" in single.stdout
+    assert best["val_top1"] * 5 == round(best["val_top1"] * 5)  # a whole number of the 5 images

@@ -1,0 +1,227 @@
+"""Kills, signals, bad input and hostile files: a clear one-line message, the right exit code,
+nothing lost, never a traceback for the user's own mistake."""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import utils
+from conftest import FAST, ROOT, copy_digits, run_script
+
+
+def train(*args, cwd=None):
+    return run_script("train.py", *args, cwd=cwd, check=False)
+
+
+def assert_user_error(result, *words, code=2):
+    """Exit code, no traceback, and a message that names the problem."""
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    for word in words:
+        assert word in message, message
+
+
+def epochs_logged(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+# ---- bad data ---------------------------------------------------------------------------------
+
+def test_missing_data_path(tmp_path):
+    assert_user_error(train("--data-path", tmp_path / "nope", *FAST), "nope", "does not exist", "--data-path")
+
+
+def test_file_instead_of_folder(tmp_path):
+    f = tmp_path / "images.zip"
+    f.write_bytes(b"PK")
+    assert_user_error(train("--data-path", f, *FAST), "images.zip", "is a file")
+
+
+def test_folder_without_class_folders(tmp_path):
+    shutil.copy(os.path.join(ROOT, "data", "digits", "0", "0000.png"), tmp_path / "a.png")
+    assert_user_error(train("--data-path", tmp_path, *FAST), "0 usable class", "sub-folder")
+
+
+def test_one_class_only(tmp_path):
+    data = copy_digits(tmp_path / "d", classes=("5",))
+    assert_user_error(train("--data-path", data, *FAST), "1 usable class", "at least 2")
+
+
+def test_messy_folder_still_trains(tmp_path):
+    """Empty class folders, a class with one image, broken files of every kind, odd image modes,
+    EXIF rotation, unicode and spaces: the run finishes and lists what it left out."""
+    data = tmp_path / "messy data"
+    copy_digits(data, classes=("0", "1"), per_class=6)
+    (data / "empty class").mkdir()
+    (data / "solo").mkdir()
+    shutil.copy(os.path.join(ROOT, "data", "digits", "2", "0002.png"), data / "solo" / "only one.png")
+    uni = data / "café au lait"
+    uni.mkdir()
+    base = Image.open(os.path.join(ROOT, "data", "digits", "3", "0003.png")).convert("RGB").resize((40, 30))
+    base.convert("CMYK").save(uni / "cmyk ünï.jpg")
+    Image.fromarray((torch.arange(40 * 30).reshape(30, 40) * 50).numpy().astype("uint16")).save(uni / "grey16.png")
+    pal = base.convert("P")
+    pal.info["transparency"] = 0
+    pal.save(uni / "palette+alpha.png", transparency=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.save(uni / "rotated.jpg", exif=exif)
+    base.save(uni / "plain.JPG")
+    (data / "0" / "zero.jpg").write_bytes(b"")
+    (data / "0" / "notes.png").write_text("not an image")
+    full = (uni / "plain.JPG").read_bytes()
+    (data / "1" / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (data / "1" / ".DS_Store").write_bytes(b"\0\0")
+    result = train("--data-path", data, "--output-dir", tmp_path / "run", *FAST, "--epochs", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "empty class" in result.stderr and "skipped" in result.stderr
+    assert "2 file(s) could not be used" in result.stderr
+    assert "zero.jpg" in result.stderr and "notes.png" in result.stderr
+    best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)
+    assert best["meta"]["classes"] == ["0", "1", "café au lait", "solo"]
+
+
+# ---- bad flags and weights --------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, words", [
+    (["--epochs", "0"], ["--epochs", "at least 1"]),
+    (["--batch-size", "0"], ["--batch-size", "at least 1"]),
+    (["--img-size", "8"], ["--img-size", "at least 32"]),
+    (["--model", "b9"], ["--model", "invalid choice"]),
+])
+def test_nonsense_numbers_and_names(tiny_data, flags, words):
+    assert_user_error(train("--data-path", tiny_data, *FAST, *flags), *words)
+
+
+def test_weights_missing(tiny_data, tmp_path):
+    assert_user_error(train("--data-path", tiny_data, *FAST, "--weights", tmp_path / "w.pth"), "not found", "w.pth")
+
+
+def test_weights_not_a_checkpoint(tiny_data, tmp_path):
+    (tmp_path / "w.pth").write_text("hello")
+    assert_user_error(train("--data-path", tiny_data, *FAST, "--weights", tmp_path / "w.pth"),
+                      "w.pth", "not a PyTorch checkpoint")
+
+
+def test_weights_of_another_variant(tiny_data, tmp_path):
+    torch.save(torchvision.models.efficientnet_b1().state_dict(), tmp_path / "b1.pth")
+    assert_user_error(train("--data-path", tiny_data, *FAST, "--weights", tmp_path / "b1.pth"),
+                      "B1", "--model b1")
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {SENTINEL}",))
+
+
+SENTINEL = None
+
+
+def test_pickle_that_runs_code_is_refused(tiny_data, tmp_path):
+    global SENTINEL
+    SENTINEL = tmp_path / "pwned"
+    torch.save({"model": Exploit()}, tmp_path / "evil.pth")
+    result = train("--data-path", tiny_data, *FAST, "--weights", tmp_path / "evil.pth")
+    assert_user_error(result, "evil.pth", "refusing")
+    assert not SENTINEL.exists()
+    result = run_script("predict.py", os.path.join(tiny_data, "0"), "--weights", tmp_path / "evil.pth", check=False)
+    assert_user_error(result, "refusing")
+    assert not SENTINEL.exists()
+
+
+def test_unwritable_output_dir_fails_before_training(tiny_data, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = train("--data-path", tiny_data, *FAST, "--output-dir", tmp_path / "afile" / "run")
+    assert_user_error(result, "cannot write", "--output-dir")
+    assert "epoch 1" not in result.stdout
+
+
+def test_resume_with_other_classes(tiny_data, tmp_path):
+    run_script("train.py", "--data-path", tiny_data, "--output-dir", tmp_path / "run", *FAST, "--epochs", "1")
+    other = copy_digits(tmp_path / "other", classes=("7", "8", "9"))
+    result = train("--resume", tmp_path / "run" / "last.pth", "--data-path", other)
+    assert_user_error(result, "classes", "same data")
+    assert epochs_logged(tmp_path / "run") == [1]
+
+
+# ---- kills and signals ------------------------------------------------------------------------
+
+def start(args, cwd=None):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def wait_for_epoch(run_dir, epoch, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = os.path.join(run_dir, "metrics.csv")
+        if os.path.exists(path) and len(epochs_logged(run_dir)) >= epoch:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("training did not reach epoch %d" % epoch)
+
+
+def test_kill_9_then_resume_logs_every_epoch_once(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    proc = start(["--data-path", tiny_data, "--output-dir", run, *FAST, "--epochs", "4"])
+    wait_for_epoch(run, 1, proc)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.communicate()
+    for name in ("best.pth", "last.pth"):  # whole files, never half-written
+        torch.load(run / name, weights_only=True)
+    assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
+    run_script("train.py", "--resume", run / "last.pth")
+    assert epochs_logged(run) == [1, 2, 3, 4]
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 4
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_prints_resume_command(tiny_data, tmp_path, sig):
+    run = tmp_path / "run"
+    proc = start(["--data-path", tiny_data, "--output-dir", run, *FAST, "--epochs", "50"])
+    wait_for_epoch(run, 1, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"python train.py --resume {run / 'last.pth'}" in err
+    assert "Traceback" not in err
+    last = torch.load(run / "last.pth", weights_only=True)
+    assert last["epoch"] >= 1 and len(last["history"]) == last["epoch"]
+
+
+# ---- files are replaced whole or not at all ---------------------------------------------------
+
+def test_failed_save_leaves_previous_checkpoint(tmp_path):
+    path = tmp_path / "best.pth"
+    utils.save_checkpoint({"v": torch.ones(3)}, path)
+
+    def broken_write(f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        utils.atomic_write(path, broken_write)
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["best.pth"]
+
+
+def test_predict_writes_nothing_unless_asked(tiny_data, tmp_path):
+    run_script("train.py", "--data-path", tiny_data, "--output-dir", tmp_path / "run", *FAST, "--epochs", "1")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    run_script("predict.py", tiny_data, "--weights", tmp_path / "run" / "best.pth", cwd=work)
+    assert os.listdir(work) == []
+    result = run_script("predict.py", tiny_data, "--weights", tmp_path / "nope.pth", cwd=work, check=False)
+    assert_user_error(result, "nope.pth", "not found")

@@ -1,0 +1,118 @@
+"""train.py as a user runs it: a subprocess on a tiny real folder of digit images at 32 px."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from conftest import FAST, run_script
+
+import model as M
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_consistent_outputs(tiny_data, tmp_path):
+    """A run leaves best/last checkpoints, metrics, plots and per-class stats that agree."""
+    out = tmp_path / "run"
+    result = run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST)
+    assert "epoch 2/2" in result.stdout
+    for name in ("best.pth", "last.pth", "metrics.csv", "curves.png", "confusion_matrix.png",
+                 "per_class.csv", "class_indices.json", "class_distribution.png"):
+        assert (out / name).is_file(), name
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5",
+                             "epoch_seconds", "images_per_second"]
+    for r in rows:
+        assert 0 <= float(r["val_top1"]) <= float(r["val_top5"]) <= 1
+        assert float(r["val_top5"]) == 1.0  # 3 classes: top-5 is capped at top-3, always right
+        assert float(r["images_per_second"]) > 0
+    assert json.loads((out / "class_indices.json").read_text()) == {"0": "0", "1": "1", "2": "2"}
+
+    best = torch.load(out / "best.pth", weights_only=True)
+    assert best["meta"]["variant"] == "b0" and best["meta"]["classes"] == ["0", "1", "2"]
+    assert best["meta"]["img_size"] == 32 and best["meta"]["args"]["epochs"] == 2
+    assert best["val_top1"] == pytest.approx(max(float(r["val_top1"]) for r in rows), abs=1e-6)
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["epoch"] == 2 and len(last["history"]) == 2
+
+    per_class = read_csv(out / "per_class.csv")
+    assert [r["class"] for r in per_class] == ["0", "1", "2"]
+    assert sum(int(r["support"]) for r in per_class) == 6  # 2 of each class's 10 images
+    for name in ("curves.png", "confusion_matrix.png"):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.width > 300
+
+
+def test_default_run_folders_never_overwrite(tiny_data, tmp_path):
+    """Without --output-dir each run gets weights/<model>-<data>, then -2; an existing
+    --output-dir is refused unless --exist-ok."""
+    for _ in range(2):
+        run_script("train.py", "--data-path", tiny_data, *FAST, "--epochs", "1", cwd=tmp_path)
+    assert (tmp_path / "weights" / "b0-tiny" / "best.pth").is_file()
+    assert (tmp_path / "weights" / "b0-tiny-2" / "best.pth").is_file()
+    before = (tmp_path / "weights" / "b0-tiny" / "best.pth").read_bytes()
+    refused = run_script("train.py", "--data-path", tiny_data, *FAST, "--output-dir", "weights/b0-tiny",
+                         cwd=tmp_path, check=False)
+    assert refused.returncode == 2
+    assert "--resume" in refused.stderr and "Traceback" not in refused.stderr
+    assert (tmp_path / "weights" / "b0-tiny" / "best.pth").read_bytes() == before
+
+
+def test_resume_continues_without_repeating_epochs(tiny_data, tmp_path):
+    """--resume continues at the next epoch with the saved schedule; metrics hold each epoch once."""
+    out = tmp_path / "run"
+    run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--epochs", "1")
+    first = torch.load(out / "last.pth", weights_only=True)
+    result = run_script("train.py", "--resume", out / "last.pth", "--epochs", "3")
+    assert "resuming" in result.stdout and "epoch 2/3" in result.stdout and "epoch 1/3" not in result.stdout
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[0]["val_top1"]) == pytest.approx(first["history"][0]["val_top1"], abs=1e-6)
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["epoch"] == 3 and last["meta"]["args"]["img_size"] == 32  # flags come from the run
+    # the schedule went on from step 3 (3 batches of 8 per epoch), not from zero
+    assert last["scheduler"]["last_epoch"] == 3 * 3
+
+
+def test_finetune_from_torchvision_file_with_other_class_count(tiny_data, tmp_path):
+    """A torchvision state_dict (1000 classes) fine-tunes on 3 classes: new head, backbone loaded."""
+    torch.manual_seed(0)
+    tv = torchvision.models.efficientnet_b0()
+    path = tmp_path / "efficientnet_b0_tv.pth"
+    torch.save(tv.state_dict(), path)
+    out = tmp_path / "ft"
+    result = run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST,
+                        "--epochs", "1", "--weights", path, "--freeze-layers")
+    assert "1000-class head" in result.stdout
+    best = torch.load(out / "best.pth", weights_only=True)
+    assert best["model"]["classifier.1.weight"].shape == (3, 1280)
+    assert best["meta"]["bn_eps"] == pytest.approx(1e-5)  # torchvision's B0 BatchNorm eps is kept
+
+    # --freeze-layers: everything before features.top is exactly the file's, running stats included
+    source, _ = M.read_weights(str(path))
+    trained = best["model"]
+    frozen = [k for k in source if not k.startswith(("features.top.", "classifier."))]
+    assert len(frozen) > 200
+    changed = [k for k in frozen if not torch.equal(source[k], trained[k])]
+    assert changed == []
+    assert not torch.equal(source["features.top.0.weight"], trained["features.top.0.weight"])
+
+
+def test_eval_only_reports_without_writing(tiny_data, tmp_path):
+    """--eval-only evaluates a checkpoint on the validation split and writes nothing."""
+    out = tmp_path / "run"
+    run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--epochs", "1")
+    best = torch.load(out / "best.pth", weights_only=True)
+    files = sorted(os.listdir(out))
+    result = run_script("train.py", "--data-path", tiny_data, *FAST, "--weights", out / "best.pth",
+                        "--eval-only", cwd=tmp_path)
+    assert f"top-1 {best['val_top1']:.4f}" in result.stdout
+    assert sorted(os.listdir(out)) == files and not (tmp_path / "weights").exists()
