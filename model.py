@@ -12,6 +12,7 @@ Module names follow the tutorial this repo grows from (`features.stem_conv`, `fe
 `features.top`, `classifier.1`), so its checkpoints load as they are. torchvision's official
 weight files (`features.1.0.block.0.0.weight`, ...) are renamed on load; see `read_weights`.
 """
+import contextlib
 import math
 import pickle
 import re
@@ -166,10 +167,27 @@ class EfficientNet(nn.Module):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             # recompute each block's activations in backward: less memory, same gradients
             for block in self.features:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=lambda b=block: (contextlib.nullcontext(), _bn_stats_frozen(b)))
         else:
             x = self.features(x)
         return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+
+@contextlib.contextmanager
+def _bn_stats_frozen(module):
+    """BatchNorm as usual, but its running statistics left as they are: a checkpointed block's
+    recomputation must not count the same batch twice."""
+    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
 
 
 def efficientnet(name, num_classes=1000, **options):
@@ -215,11 +233,14 @@ def load_checkpoint(path):
     except IsADirectoryError:
         raise WeightsError(f"{path} is a folder; pass the .pth file inside it") from None
     except pickle.UnpicklingError as e:
-        raise WeightsError(f"refusing to load {path}: it is not a plain weights file and would need "
-                           f"arbitrary code to unpickle ({str(e).splitlines()[0][:120]}); "
-                           "re-save it as a state_dict from a trusted source") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise WeightsError(f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line.upper()]
+        if not blocked:  # not a pickle at all
+            raise WeightsError(f"{path} is not a PyTorch checkpoint: pass a .pth file saved with torch.save") from None
+        raise WeightsError(f"refusing to load {path}: unpickling it would run code or build objects "
+                           f"that are not plain tensors ({blocked[0][:100]}); use weights from a source "
+                           "you trust, saved as a state_dict") from None
+    except Exception:  # any other way a file can fail to be a checkpoint: text, truncated, empty
+        raise WeightsError(f"{path} is not a PyTorch checkpoint: pass a .pth file saved with torch.save") from None
 
 
 def _unwrap(obj):
@@ -304,7 +325,7 @@ def create_model(name, num_classes=1000, weights=None, verbose=True, **options):
     if weights is None:
         return efficientnet(name, num_classes, **options)
     sd, info = read_weights(weights)
-    where = weights if isinstance(weights, str) else "the given state_dict"
+    where = "the given state_dict" if isinstance(weights, dict) else str(weights)
     if info["variant"] != name:
         raise WeightsError(f"{where} holds EfficientNet-{info['variant'].upper()} weights, not "
                            f"{name.upper()}: use --model {info['variant']}")
@@ -312,7 +333,7 @@ def create_model(name, num_classes=1000, weights=None, verbose=True, **options):
     model = efficientnet(name, num_classes, **options)
     if info["num_classes"] != num_classes:
         sd = OrderedDict((k, v) for k, v in sd.items() if not k.startswith("classifier."))
-        if verbose:
+        if verbose and info["num_classes"] is not None:
             print(f"note: {where} has a {info['num_classes']}-class head; "
                   f"a new {num_classes}-class classifier is initialised")
     try:

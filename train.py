@@ -296,7 +296,7 @@ def main(args, parser):
     eval_model = ema.module if ema is not None else compiled
 
     if args.eval_only:
-        result = utils.evaluate(eval_model, val_loader, device, len(classes), autocast, args.channels_last, is_main)
+        result = utils.evaluate(eval_model, val_loader, device, len(classes), args.channels_last, is_main)
         print0(f"{len(split.val_images)} validation images: loss {result['val_loss']:.4f}  "
                f"top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}")
         for row in utils.per_class_rows(result["confusion"], classes):
@@ -347,7 +347,7 @@ def main(args, parser):
     print0(f"writing to {args.output_dir}")
     if ckpt is None:
         save_last(0)  # even a run stopped in its first epoch can be resumed
-    epoch = start_epoch - 1
+    done = start_epoch - 1  # the last epoch whose state last.pth holds
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             if train_sampler is not None:
@@ -358,8 +358,7 @@ def main(args, parser):
                 args.grad_accum, args.clip_grad, args.label_smoothing, args.channels_last, is_main)
             # BatchNorm statistics drift apart on each rank: evaluate (and save) rank 0's everywhere
             utils.broadcast_buffers(eval_model)
-            result = utils.evaluate(eval_model, val_loader, device, len(classes), autocast,
-                                    args.channels_last, is_main)
+            result = utils.evaluate(eval_model, val_loader, device, len(classes), args.channels_last, is_main)
             row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                    **{k: result[k] for k in ("val_loss", "val_top1", "val_top5")},
                    "epoch_seconds": time.perf_counter() - start, "images_per_second": rate}
@@ -370,6 +369,7 @@ def main(args, parser):
                     utils.save_checkpoint({"model": eval_model_state(raw_model, ema), "epoch": epoch,
                                            "val_top1": best, "meta": meta}, out("best.pth"))
             save_last(epoch)
+            done = epoch
             if is_main:
                 utils.write_metrics(out("metrics.csv"), history)
                 utils.plot_curves(history, out("curves.png"))
@@ -377,11 +377,11 @@ def main(args, parser):
                    f"top-1 {row['val_top1']:.4f}  top-5 {row['val_top5']:.4f}  lr {row['lr']:.2e}  "
                    f"{row['epoch_seconds']:.1f}s  {rate:.1f} img/s")
     except KeyboardInterrupt:
-        print0(f"\ninterrupted in epoch {epoch + 1}; {out('last.pth')} holds epoch {epoch}. Resume with:\n"
+        print0(f"\ninterrupted in epoch {done + 1}; {out('last.pth')} holds epoch {done}. Resume with:\n"
                f"  python train.py --resume {out('last.pth')}", file=sys.stderr)
         return 130
     except utils.NonFiniteLossError as e:
-        print0(f"error: {e}; stopped. {out('last.pth')} still holds epoch {epoch}: lower --lr, add "
+        print0(f"error: {e}; stopped. {out('last.pth')} still holds epoch {done}: lower --lr, add "
                "--clip-grad 1, or use --amp off, then --resume", file=sys.stderr)
         return 1
     if is_main and best_confusion is not None:

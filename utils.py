@@ -244,6 +244,9 @@ def train_one_epoch(model, optimizer, loader, device, epoch, scheduler, scaler, 
     """One pass over `loader`; returns (mean loss over all ranks, images/s). The scheduler steps
     once per optimizer step; `ema`, `amp_dtype` and `clip_grad` are off when None/0."""
     model.train()
+    for m in model.modules():  # frozen BatchNorm layers (--freeze-layers) keep their statistics too
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
+            m.eval()
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, images
     start = time.perf_counter()
@@ -284,9 +287,10 @@ def train_one_epoch(model, optimizer, loader, device, epoch, scheduler, scaler, 
 
 
 @torch.inference_mode()
-def evaluate(model, loader, device, num_classes, amp_dtype=None, channels_last=False, show=True):
+def evaluate(model, loader, device, num_classes, channels_last=False, show=True):
     """Loss, top-1, top-5 (top-k capped at the class count) and the confusion matrix over every
-    image in `loader`, summed over all ranks: each rank must see a disjoint part of the data."""
+    image in `loader`, summed over all ranks: each rank must see a disjoint part of the data.
+    Always in fp32, as predict.py runs by default, so the accuracy reported is the one users get."""
     model.eval()
     n = num_classes
     confusion = torch.zeros(n * n, dtype=torch.int64, device=device)
@@ -295,8 +299,7 @@ def evaluate(model, loader, device, num_classes, amp_dtype=None, channels_last=F
         if len(images) == 0:
             continue
         images, labels = to_device(images, labels, device, channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images).float()
+        logits = model(images).float()
         sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         sums[1] += (logits.topk(min(5, n)).indices == labels[:, None]).any(1).sum()
         confusion += torch.bincount(labels * n + logits.argmax(1), minlength=n * n)

@@ -1,0 +1,121 @@
+"""predict.py as a user runs it: on train.py's checkpoints and on raw torchvision / tutorial files."""
+import json
+import os
+import shutil
+
+import matplotlib
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import model as M
+import utils
+from conftest import FAST, copy_digits, run_script
+
+PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real train.py run on a tiny digits folder: (data folder, run folder)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    data = copy_digits(tmp / "digits", per_class=10)
+    run_script("train.py", "--data-path", data, "--output-dir", tmp / "run", *FAST)
+    return data, tmp / "run"
+
+
+def predict_json(*args, check=True):
+    result = run_script("predict.py", *args, "--json", check=check)
+    return [json.loads(line) for line in result.stdout.splitlines()], result
+
+
+def test_json_lines_from_a_train_checkpoint(trained):
+    """One JSON object per image with index, class and probability, top-k sorted."""
+    data, run = trained
+    lines, _ = predict_json(os.path.join(data, "1"), "--weights", run / "best.pth", "--topk", "3")
+    assert [r["path"] for r in lines] == sorted(os.path.join(data, "1", f) for f in os.listdir(os.path.join(data, "1")))
+    for r in lines:
+        assert set(r) == {"path", "topk"} and len(r["topk"]) == 3
+        assert {t["class"] for t in r["topk"]} == {"0", "1", "2"}
+        assert all(t["class"] == str(t["index"]) for t in r["topk"])
+        probs = [t["prob"] for t in r["topk"]]
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-4)
+
+
+def test_predict_reproduces_train_val_top1(trained):
+    """predict.py over the validation split gives exactly the val top-1 train.py saved in best.pth."""
+    data, run = trained
+    best = torch.load(run / "best.pth", weights_only=True)
+    split = utils.read_split_data(data, best["meta"]["args"]["val_rate"], best["meta"]["args"]["seed"])
+    lines, _ = predict_json(*split.val_images, "--weights", run / "best.pth")
+    truth = dict(zip(split.val_images, split.val_labels))
+    correct = sum(r["topk"][0]["index"] == truth[r["path"]] for r in lines)
+    assert len(lines) == len(split.val_images)
+    assert correct / len(lines) == pytest.approx(best["val_top1"], abs=1e-9)
+
+
+def test_torchvision_file_matches_torchvision(tmp_path):
+    """A raw torchvision state_dict: ImageNet names, torchvision's own eval transform, and the
+    same top-5 classes and probabilities as torchvision's model on a real photo."""
+    torch.manual_seed(0)
+    tv = torchvision.models.efficientnet_b0().eval()
+    with torch.no_grad():  # random BN statistics and a sharper head, so the top-5 is meaningful
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        tv.classifier[1].weight.mul_(300)
+    path = tmp_path / "efficientnet_b0_rwightman-7f5810bc.pth"
+    torch.save(tv.state_dict(), path)
+    weights = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
+    with torch.no_grad():
+        x = weights.transforms()(Image.open(PHOTO).convert("RGB"))[None]
+        expected = tv(x).softmax(1)[0].topk(5)
+    lines, _ = predict_json(PHOTO, "--weights", path, "--topk", "5")
+    got = lines[0]["topk"]
+    assert [t["index"] for t in got] == expected.indices.tolist()
+    assert [t["class"] for t in got] == [weights.meta["categories"][i] for i in expected.indices]
+    assert [t["prob"] for t in got] == pytest.approx(expected.values.tolist(), abs=1e-3)
+    assert expected.values[0] > 0.05  # the comparison is not between near-uniform outputs
+
+
+def test_tutorial_file_takes_class_names_from_beside_it(tmp_path):
+    """A tutorial-format state_dict with class_indices.json next to it, as the tutorial leaves them."""
+    model = M.efficientnet_b0(num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "model-29.pth")
+    (tmp_path / "class_indices.json").write_text(json.dumps({"0": "daisy", "1": "roses", "2": "tulips"}))
+    lines, _ = predict_json(PHOTO, "--weights", tmp_path / "model-29.pth")
+    assert lines[0]["topk"][0]["class"] in {"daisy", "roses", "tulips"}
+
+
+def test_folders_globs_broken_and_missing(trained, tmp_path):
+    """Folders recurse, globs expand, each bad input gets its own error line, and the exit code
+    says some failed; the good images are still predicted."""
+    data, run = trained
+    folder = tmp_path / "imgs"
+    (folder / "nested").mkdir(parents=True)
+    shutil.copy(os.path.join(data, "0", os.listdir(os.path.join(data, "0"))[0]), folder / "nested" / "a.png")
+    shutil.copy(PHOTO, folder / "b.jpg")
+    (folder / "broken.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("ignored")
+    lines, result = predict_json(folder, str(tmp_path / "imgs" / "*.jpg"), tmp_path / "missing.png",
+                                 "--weights", run / "best.pth", check=False)
+    assert result.returncode == 1
+    by_path = {r["path"]: r for r in lines}
+    assert "error" in by_path[str(tmp_path / "missing.png")]
+    assert "error" in by_path[str(folder / "broken.jpg")]
+    assert "topk" in by_path[str(folder / "nested" / "a.png")] and "topk" in by_path[str(folder / "b.jpg")]
+    assert len(lines) == 4  # b.jpg and broken.jpg match both the folder and the glob: once each
+
+
+def test_csv_and_plot_outputs(trained, tmp_path):
+    """--csv writes one row per image; --plot writes a PNG grid (looked at by eye once)."""
+    data, run = trained
+    result = run_script("predict.py", os.path.join(data, "2"), "--weights", run / "best.pth",
+                        "--csv", tmp_path / "p.csv", "--plot", tmp_path / "p.png", "--topk", "2")
+    assert result.stdout.count("  1. ") == 10
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == "path,class1,prob1,class2,prob2,error" and len(rows) == 11
+    with Image.open(tmp_path / "p.png") as img:
+        assert img.format == "PNG" and img.width > 500
