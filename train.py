@@ -260,6 +260,8 @@ def main(args, parser):
     if is_main and not args.eval_only:
         if ckpt is None:
             prepare_run_dir(args)
+        else:
+            utils.remove_stale_temp_files(args.output_dir)
         utils.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), classes)
         utils.plot_class_distribution(split, os.path.join(args.output_dir, "class_distribution.png"))
 

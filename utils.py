@@ -337,6 +337,13 @@ def atomic_write(path, write):
         os.close(dir_fd)
 
 
+def remove_stale_temp_files(folder):
+    """Temporary files that a killed process left behind mid-write (the real files are intact)."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
+
+
 def save_checkpoint(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
