@@ -150,6 +150,33 @@ def loader_rate(paths, variant, img_size, batch, workers, draft):
     return n / (time.perf_counter() - start)
 
 
+def folder_rate(paths, args, device, batch):
+    """predict.py's path: weights file -> folded model, DataLoader workers decoding, batched inference."""
+    import predict
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "w.pth")
+        torch.save(baseline_model(args.model, "cpu").state_dict(), weights)
+        model, info, transform, resize = predict.load_model(weights, device=device)
+    loader = torch.utils.data.DataLoader(predict.ImagePaths(paths, transform, 2 * resize), batch_size=batch,
+                                         num_workers=args.workers, collate_fn=predict.ImagePaths.collate)
+    start = time.perf_counter()
+    n = sum(1 for _ in predict.predict(model, loader, device, 5))
+    return n / (time.perf_counter() - start)
+
+
+def folder_rate_baseline(paths, name, device, batch):
+    """The tutorial's way: open, transform and predict in the main process, torchvision eager fp32."""
+    from PIL import Image
+    model = baseline_model(name, device).eval()
+    transform = getattr(torchvision.models, f"EfficientNet_{name.upper()}_Weights").IMAGENET1K_V1.transforms()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(paths), batch):
+            x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[i:i + batch]])
+            model(x.to(device)).softmax(1).topk(5)
+    return len(paths) / (time.perf_counter() - start)
+
+
 TUTORIAL_RECIPE = ["--optimizer", "sgd", "--lr", "0.01", "--weight-decay", "1e-4", "--warmup-epochs", "0",
                    "--label-smoothing", "0", "--crop-scale", "0.08", "1", "--batch-size", "16", "--amp", "off",
                    "--no-channels-last"]
@@ -263,6 +290,12 @@ def main(args):
             drafted = loader_rate(paths, variant, size, b, args.workers, draft=True)
             row(f"loader {w}x{h} JPEG, {args.workers} workers vs train step", drafted, ours_train, "img/s")
             row(f"loader {w}x{h} JPEG: draft decode vs full", drafted, full, "img/s")
+
+    # predict.py end to end over a folder of JPEGs (decoding in workers) against a plain loop
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_photos(tmp, 10 * b, (500, 375))
+        row(f"predict.py over {len(paths)} JPEGs vs plain torchvision loop", folder_rate(paths, args, device, b),
+            folder_rate_baseline(paths, args.model, device, b), "img/s")
 
     if args.time_to_accuracy:
         print("time to 95 % val top-1, B0 on the bundled digits at 64 px (at most 10 epochs):")

@@ -229,7 +229,7 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise WeightsError(f"weights file not found: {path}") from None
+        raise WeightsError(f"weights file not found: {path}; check the --weights path") from None
     except IsADirectoryError:
         raise WeightsError(f"{path} is a folder; pass the .pth file inside it") from None
     except pickle.UnpicklingError as e:
