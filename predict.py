@@ -111,19 +111,6 @@ class ImagePaths(Dataset):
         return [b[0] for b in good], images, [(b[0], b[2]) for b in batch if b[1] is None]
 
 
-def choose_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else
-                            "mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise utils.DataError(f"--device {name} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise utils.DataError("--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu")
-    return device
-
-
 def load_model(weights, model_name=None, device=torch.device("cpu")):
     """(model ready for inference, class names, eval transform, resize) from a weights file."""
     sd, info = read_weights(weights)
@@ -150,7 +137,7 @@ def predict(model, loader, device, topk, amp=False):
 
 
 def plot_predictions(results, path, limit=64):
-    plt = utils._pyplot()
+    plt = utils.pyplot()
     shown = [r for r in results if "topk" in r][:limit]
     if not shown:
         return
@@ -169,7 +156,7 @@ def plot_predictions(results, path, limit=64):
 
 
 def main(args):
-    device = choose_device(args.device)
+    device = utils.choose_device(args.device)
     model, info, transform, resize = load_model(args.weights, args.model, device)
     names = class_names(info, args.weights, args.class_indices, info["num_classes"])
     topk = min(args.topk, len(names))
@@ -218,10 +205,10 @@ def write_csv(path, results, topk):
     header = ["path"] + [f"{field}{k}" for k in range(1, topk + 1) for field in ("class", "prob")] + ["error"]
     lines = [",".join(header)]
     for r in results:
-        cells = [utils._csv_text(r["path"])]
+        cells = [utils.csv_field(r["path"])]
         for t in r.get("topk", [{"class": "", "prob": ""}] * topk):
-            cells += [utils._csv_text(t["class"]), str(t["prob"])]
-        lines.append(",".join(cells + [utils._csv_text(r.get("error", ""))]))
+            cells += [utils.csv_field(t["class"]), str(t["prob"])]
+        lines.append(",".join(cells + [utils.csv_field(r.get("error", ""))]))
     utils.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -234,3 +221,6 @@ if __name__ == "__main__":
     except (utils.DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # the output went into `head` or similar, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

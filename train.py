@@ -103,27 +103,6 @@ def check_args(p, args):
         p.error(f"--ema-decay must be between 0 and 1 (got {args.ema_decay})")
 
 
-def choose_device(name, local_rank):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise utils.DataError(f"--device {name} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise utils.DataError("--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise utils.DataError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
-        if local_rank and device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
 def cpu_has_amx():
     """Intel AMX tiles make bf16 convolutions fast on a CPU; AVX512-BF16 alone measured slower than fp32."""
     try:
@@ -253,7 +232,7 @@ def main(args, parser):
     if args.resume is not None:
         args, ckpt = load_resume(args, parser)
     set_defaults(args)
-    device = choose_device(args.device, local_rank)
+    device = utils.choose_device(args.device, local_rank)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     variant = VARIANTS[args.model]

@@ -201,6 +201,28 @@ def make_loader(dataset, batch_size, train, workers, device, sampler=None):
         drop_last=train and len(dataset) > batch_size, collate_fn=MyDataSet.collate_fn)
 
 
+def choose_device(name, local_rank=0):
+    """--device: auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps; under torchrun the local rank's GPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError("--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise DataError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+        if local_rank and device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
 def default_workers():
     return min(os.cpu_count() or 1, 8)
 
@@ -387,16 +409,16 @@ def per_class_rows(confusion, classes):
 def write_per_class(path, confusion, classes):
     rows = per_class_rows(confusion, classes)
     lines = ["class,precision,recall,f1,support"]
-    lines += [f"{_csv_text(r['class'])},{r['precision']:.4f},{r['recall']:.4f},{r['f1']:.4f},{r['support']}"
+    lines += [f"{csv_field(r['class'])},{r['precision']:.4f},{r['recall']:.4f},{r['f1']:.4f},{r['support']}"
               for r in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _csv_text(text):
+def csv_field(text):
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
@@ -405,11 +427,11 @@ def _pyplot():
 
 def save_figure(fig, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def plot_curves(history, path):
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.6))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
@@ -430,7 +452,7 @@ def plot_curves(history, path):
 
 
 def plot_confusion(confusion, classes, path, title="confusion matrix"):
-    plt = _pyplot()
+    plt = pyplot()
     n = len(classes)
     size = min(4 + 0.45 * n, 30)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
@@ -450,7 +472,7 @@ def plot_confusion(confusion, classes, path, title="confusion matrix"):
 
 
 def plot_class_distribution(split, path):
-    plt = _pyplot()
+    plt = pyplot()
     n = len(split.classes)
     train = torch.bincount(torch.as_tensor(split.train_labels), minlength=n).tolist()
     val = torch.bincount(torch.as_tensor(split.val_labels), minlength=n).tolist()
