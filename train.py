@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 import utils
 from model import VARIANTS, WeightsError, create_model, load_checkpoint
@@ -158,6 +158,21 @@ def build_optimizer(args, model):
     return torch.optim.AdamW(groups, lr=args.lr)
 
 
+def ema_update(decay):
+    """EMA step for AveragedModel. The decay warms up as (1 + n) / (10 + n), so on a short run the
+    average is not stuck near the random initial weights."""
+    @torch.no_grad()
+    def update(averaged, current, num_averaged):
+        n = float(num_averaged)
+        weight = 1 - min(decay, (1 + n) / (10 + n))
+        for a, c in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(c, weight)
+            else:  # BatchNorm's num_batches_tracked
+                a.copy_(c)
+    return update
+
+
 def lr_lambda(args, steps_per_epoch):
     """Linear warm-up, then cosine decay from 1 to lrf; one call per optimizer step."""
     warmup = round(args.warmup_epochs * steps_per_epoch)
@@ -279,8 +294,7 @@ def main(args, parser):
     compiled = torch.compile(model) if args.compile else model
     model = compiled if world == 1 else torch.nn.parallel.DistributedDataParallel(
         compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True) \
-        if args.ema else None
+    ema = AveragedModel(raw_model, multi_avg_fn=ema_update(args.ema_decay), use_buffers=True) if args.ema else None
     eval_model = ema.module if ema is not None else compiled
 
     if args.eval_only:

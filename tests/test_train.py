@@ -116,3 +116,18 @@ def test_eval_only_reports_without_writing(tiny_data, tmp_path):
                         "--eval-only", cwd=tmp_path)
     assert f"top-1 {best['val_top1']:.4f}" in result.stdout
     assert sorted(os.listdir(out)) == files and not (tmp_path / "weights").exists()
+
+
+def test_ema_weights_are_saved_and_resume(tiny_data, tmp_path):
+    """With --ema the averaged weights are what best.pth holds; the average resumes too."""
+    out = tmp_path / "ema"
+    run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--epochs", "1", "--ema")
+    last = torch.load(out / "last.pth", weights_only=True)
+    best = torch.load(out / "best.pth", weights_only=True)
+    ema = {k[len("module."):]: v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert best["model"].keys() == ema.keys()
+    assert all(torch.equal(best["model"][k], ema[k]) for k in ema)
+    assert not torch.equal(best["model"]["classifier.1.weight"], last["model"]["classifier.1.weight"])
+    run_script("train.py", "--resume", out / "last.pth", "--epochs", "2")
+    resumed = torch.load(out / "last.pth", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["ema"]["n_averaged"] == 2 * last["ema"]["n_averaged"]
