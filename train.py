@@ -380,7 +380,8 @@ def main(args, parser):
                    f"{row['epoch_seconds']:.1f}s  {rate:.1f} img/s")
     except KeyboardInterrupt:
         print0(f"\ninterrupted in epoch {done + 1}; {out('last.pth')} holds epoch {done}. Resume with:\n"
-               f"  python train.py --resume {out('last.pth')}", file=sys.stderr)
+               f"  {'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train.py --resume {out('last.pth')}",
+               file=sys.stderr)
         return 130
     except utils.NonFiniteLossError as e:
         print0(f"error: {e}; stopped. {out('last.pth')} still holds epoch {done}: lower --lr, add "
