@@ -114,7 +114,8 @@ class ImagePaths(Dataset):
 def load_model(weights, model_name=None, device=torch.device("cpu")):
     """(model ready for inference, class names, eval transform, resize) from a weights file."""
     sd, info = read_weights(weights)
-    model = create_model(model_name or info["variant"], info["num_classes"], weights=sd, bn_eps=info["bn_eps"])
+    # hand the state_dict back with what the file said of itself (BatchNorm eps among it)
+    model = create_model(model_name or info["variant"], info["num_classes"], weights={"model": sd, "meta": info})
     model = fuse_bn(model).to(device, memory_format=torch.channels_last)
     transform, resize = eval_transform(info, info["variant"])
     return model, info, transform, resize

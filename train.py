@@ -368,8 +368,8 @@ def main(args, parser):
             if result["val_top1"] > best:
                 best, best_confusion = result["val_top1"], result["confusion"]
                 if is_main:
-                    utils.save_checkpoint({"model": eval_model_state(raw_model, ema), "epoch": epoch,
-                                           "val_top1": best, "meta": meta}, out("best.pth"))
+                    utils.save_checkpoint({"model": (raw_model if ema is None else ema.module).state_dict(),
+                                           "epoch": epoch, "val_top1": best, "meta": meta}, out("best.pth"))
             save_last(epoch)
             done = epoch
             if is_main:
@@ -393,10 +393,6 @@ def main(args, parser):
         utils.write_per_class(out("per_class.csv"), best_confusion, classes)
     print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
     return 0
-
-
-def eval_model_state(raw_model, ema):
-    return (ema.module if ema is not None else raw_model).state_dict()
 
 
 def on_sigterm(signum, frame):

@@ -270,7 +270,7 @@ def train_one_epoch(model, optimizer, loader, device, epoch, scheduler, scaler, 
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
             m.eval()
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, images
+    loss_sum, seen = 0.0, 0  # plain floats: the loss is on the host already for the NaN check
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch} train", disable=None if show else True, leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
@@ -298,13 +298,12 @@ def train_one_epoch(model, optimizer, loader, device, epoch, scheduler, scaler, 
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
-        sums += torch.tensor([loss_value * len(images), len(images)], dtype=torch.float64, device=device)
+        loss_sum, seen = loss_sum + loss_value * len(images), seen + len(images)
         if show:
-            rate = sums[1].item() / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{sums[0].item() / sums[1].item():.4f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen / (time.perf_counter() - start):.1f}")
     elapsed = time.perf_counter() - start
-    all_reduce_sum(sums)
+    sums = all_reduce_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
     return sums[0].item() / max(sums[1].item(), 1), sums[1].item() / elapsed
 
 
