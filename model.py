@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import SqueezeExcitation, StochasticDepth
@@ -94,6 +95,78 @@ class ConvBNAct(nn.Sequential):
             nn.SiLU(inplace=True) if act else nn.Identity(),
         )
 
+    def forward(self, x):
+        conv, norm, act = self
+        if norm.training and torch.is_grad_enabled() and type(norm) is nn.BatchNorm2d and type(act) is nn.SiLU:
+            return batchnorm_silu(conv(x), norm)  # same result, less memory (see BatchNormSiLU)
+        return act(norm(conv(x)))
+
+
+class BatchNormSiLU(torch.autograd.Function):
+    """SiLU(BatchNorm(x)) in training mode, keeping only x for backward.
+
+    Autograd would keep three activation-sized tensors here: the BatchNorm input, its output
+    (SiLU's backward needs it) and, as the SiLU runs in place, a copy of that output. This keeps
+    the input alone and recomputes the output in backward, one multiply-add per element: a third
+    of the memory, and faster on a CPU, where the copy costs more than the recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        return F.silu(y, inplace=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = (invstd * weight).view(shape)
+        y = torch.addcmul((bias.view(shape) - mean.view(shape) * scale), x, scale).to(x.dtype)  # BatchNorm output
+        grad_y = torch.ops.aten.silu_backward(grad, y)
+        del y
+        grads = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return *grads, None, None, None, None
+
+
+def batchnorm_silu(x, bn):
+    """SiLU(bn(x)) for a BatchNorm2d in training mode, running statistics updated as bn(x) would."""
+    bn.num_batches_tracked.add_(1)
+    momentum = 1 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return BatchNormSiLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
+
+
+class SqueezeExcite(SqueezeExcitation):
+    """torchvision's squeeze-and-excitation (same modules, same weights) with a leaner gate.
+
+    The gate x * sigmoid(z) needs x in backward only for the gradient of z, and that gradient
+    equals sum(grad * out) * (1 - sigmoid(z)) with out = x * sigmoid(z), the gate's own output,
+    which the next conv keeps anyway. So SigmoidGate keeps no copy of x. Without gradients the
+    gate works in place: x is the block's own intermediate and is not read again.
+    """
+
+    def forward(self, x):
+        z = self.fc2(self.activation(self.fc1(self.avgpool(x))))
+        if x.requires_grad or z.requires_grad:
+            return SigmoidGate.apply(x, z)
+        return x.mul_(z.sigmoid_())
+
+
+class SigmoidGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, z):
+        gate = torch.sigmoid(z)
+        out = x * gate
+        ctx.save_for_backward(out, gate)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, gate = ctx.saved_tensors
+        return grad * gate, (grad * out).sum((2, 3), keepdim=True) * (1 - gate)
+
 
 class MBConv(nn.Module):
     """Mobile inverted bottleneck: 1x1 expand, depthwise conv, squeeze-excite, 1x1 project, skip."""
@@ -106,7 +179,7 @@ class MBConv(nn.Module):
             layers["expand_conv"] = ConvBNAct(cin, mid, 1, norm=norm)
         layers["dwconv"] = ConvBNAct(mid, mid, kernel, stride, groups=mid, norm=norm)
         # the squeeze width comes from the block's input channels, not the expanded ones
-        layers["se"] = SqueezeExcitation(mid, max(1, cin // 4), activation=nn.SiLU)
+        layers["se"] = SqueezeExcite(mid, max(1, cin // 4), activation=nn.SiLU)
         layers["project_conv"] = ConvBNAct(mid, cout, 1, act=False, norm=norm)
         self.block = nn.Sequential(layers)
         self.use_skip = stride == 1 and cin == cout
