@@ -6,16 +6,19 @@ measured in one run on this machine, as ratios.
     python benchmark.py --time-to-accuracy                # adds: time to 95 % on the bundled digits
 
 Baseline: torchvision's efficientnet_bX in fp32, NCHW, eager, SGD (what the tutorial does).
-This repo: train.py's default path (channels-last, bf16 autocast where fast, AdamW) and
-predict.py's path (BatchNorm folded into the convs, channels-last, inference mode).
+This repo: train.py's default path (channels-last, bf16 autocast where fast, AdamW, the lean
+BatchNormSiLU and SigmoidGate of model.py) and predict.py's path (BatchNorm folded into the convs,
+channels-last, gates in place, inference mode). Speeds are the median of rounds in which all
+contenders take turns; memory is measured in a fresh process per contender (see peak_memory).
 """
 import argparse
 import csv
+import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import torch
@@ -29,73 +32,42 @@ from train import amp_dtype
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# Each contender is timed in a fresh process of its own: this repo's paths with the settings its
+# scripts use (keep_freed_memory among them), the baselines with none, and no contender inherits
+# another's allocator state. "baseline" is the tutorial's loop: torchvision's model, fp32, NCHW, SGD.
+CONTENDERS = {
+    "baseline": "train", "same-settings": "train", "default": "train", "default-glibc": "train",
+    "grad-checkpointing": "train", "compile": "train",
+    "infer-baseline": "infer", "infer": "infer", "infer-bf16": "infer",
+    "folder-baseline": "folder", "folder": "folder",
+}
+BASELINES = ("baseline", "default-glibc", "infer-baseline", "folder-baseline")
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description="Benchmark this repo against plain torchvision.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="b0", choices=list(VARIANTS), help="variant")
     p.add_argument("--img-size", type=int, default=None, help="resolution (default: the variant's)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per measurement (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds, alternating this repo and the baseline; the median round is reported")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="this repo's autocast")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd training (slow warm-up)")
     p.add_argument("--workers", type=int, default=utils.default_workers(), help="loader processes")
     p.add_argument("--time-to-accuracy", action="store_true",
                    help="train.py on the bundled digits at 64 px to 95 %% val top-1: default vs tutorial recipe")
+    p.add_argument("--contender", choices=list(CONTENDERS), help=argparse.SUPPRESS)  # a child process: see measure()
+    p.add_argument("--photos", help=argparse.SUPPRESS)  # the folder the "folder" contenders predict
+    p.add_argument("--tensor-memory", action="store_true", help=argparse.SUPPRESS)  # see tensor_memory()
     return p
 
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def rate(step, batch, steps, device):
-    """images/s of `step()`, after two warm-up calls."""
-    for _ in range(2):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return batch * steps / (time.perf_counter() - start)
-
-
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA's allocator statistics, or on a CPU the resident
-    set size sampled every millisecond (large tensors are returned to the OS when freed)."""
-
-    def __init__(self, device):
-        self.device, self.peak = device, 0
-
-    def rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base, self.running = self.rss(), True
-            self.thread = threading.Thread(target=self.sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.rss() - self.base)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.running = False
-            self.thread.join()
 
 
 def train_step_fn(model, optimizer, x, y, autocast, channels_last):
@@ -164,11 +136,11 @@ def folder_rate(paths, args, device, batch):
     return n / (time.perf_counter() - start)
 
 
-def folder_rate_baseline(paths, name, device, batch):
+def folder_rate_baseline(paths, args, device, batch):
     """The tutorial's way: open, transform and predict in the main process, torchvision eager fp32."""
     from PIL import Image
-    model = baseline_model(name, device).eval()
-    transform = getattr(torchvision.models, f"EfficientNet_{name.upper()}_Weights").IMAGENET1K_V1.transforms()
+    model = baseline_model(args.model, device).eval()
+    transform = getattr(torchvision.models, f"EfficientNet_{args.model.upper()}_Weights").IMAGENET1K_V1.transforms()
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(paths), batch):
@@ -213,89 +185,164 @@ def time_to_accuracy(target=0.95, epochs=10):
     return out
 
 
+def inputs(args, device):
+    """The benchmark's batch: random images at the chosen size and random labels, seeded."""
+    torch.manual_seed(0)
+    size = args.img_size or VARIANTS[args.model].train_size
+    return (torch.randn(args.batch_size, 3, size, size, device=device),
+            torch.randint(0, 1000, (args.batch_size,), device=device))
+
+
+def train_step(which, args, device, x, y):
+    """The training step of a "train" contender, as a function."""
+    if which == "baseline":
+        model = baseline_model(args.model, device)
+    else:
+        model = create_model(args.model, grad_checkpointing=which == "grad-checkpointing").to(device)
+    model.train()
+    if which in ("baseline", "same-settings"):
+        sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        return train_step_fn(model, sgd, x, y, None, False)
+    model = model.to(memory_format=torch.channels_last)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    return train_step_fn(torch.compile(model) if which == "compile" else model, adamw, x, y,
+                         amp_dtype(args.amp, device), True)
+
+
+def infer_step(which, args, device, x):
+    if which == "infer-baseline":
+        return infer_fn(baseline_model(args.model, device).eval(), x)
+    model = fuse_bn(create_model(args.model).to(device, memory_format=torch.channels_last))
+    return infer_fn(model, x.contiguous(memory_format=torch.channels_last),
+                    torch.bfloat16 if which == "infer-bf16" else None)
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(which, args, device):
+    """In the contender's own process: {"rate": images/s over args.steps steps after a warm-up
+    step, "warmup": seconds of that first step, "peak": MiB the steps added at most: the
+    process's peak resident size (CPU; allocator caching included) or CUDA's peak allocation,
+    above the level before them}."""
+    if device.type == "cpu" and which not in BASELINES:
+        utils.keep_freed_memory()
+    if CONTENDERS[which] == "folder":
+        paths = sorted(os.path.join(args.photos, p) for p in os.listdir(args.photos))
+        rate = (folder_rate if which == "folder" else folder_rate_baseline)(paths, args, device, args.batch_size)
+        return {"rate": rate}
+    x, y = inputs(args, device)
+    step = train_step(which, args, device, x, y) if CONTENDERS[which] == "train" else infer_step(which, args, device, x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else rss()
+    start = time.perf_counter()
+    step()
+    sync(device)
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    rate = args.batch_size * args.steps / (time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    return {"rate": rate, "warmup": warmup, "peak": peak / 2**20}
+
+
+def tensor_memory(which, args, device):
+    """MiB one steady-state training step adds at its peak to what lives before it: tensors only,
+    as CUDA's max_memory_allocated counts them. On a CPU the process runs with a fixed, small
+    mmap threshold (see run_contender) and without keep_freed_memory, so every freed block goes
+    back to the system at once and the resident size follows the live tensors; the peak is the
+    kernel's high-water mark, reset just before the step."""
+    x, y = inputs(args, device)
+    step = train_step(which, args, device, x, y)
+    step()  # warm-up: optimizer state, first-call allocations
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = rss()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size (VmHWM) to the current one
+    step()
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return (peak - base) / 2**20
+
+
+def run_contender(which, args, photos=None, memory=False):
+    """measure() in a new process with the same options; its result."""
+    command = [sys.executable, os.path.abspath(__file__), "--contender", which, "--model", args.model,
+               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--amp", args.amp,
+               "--device", args.device, "--workers", str(args.workers)]
+    command += ["--img-size", str(args.img_size)] if args.img_size else []
+    command += ["--photos", photos] if photos else []
+    command += ["--tensor-memory"] if memory else []
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if memory else None
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"benchmark contender '{which}' failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(args):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     variant = VARIANTS[args.model]
-    size = args.img_size or variant.train_size
-    b = args.batch_size
-    autocast = amp_dtype(args.amp, device)
-    torch.manual_seed(0)
-    x = torch.randn(b, 3, size, size, device=device)
-    y = torch.randint(0, 1000, (b,), device=device)
+    b, size = args.batch_size, args.img_size or variant.train_size
     print(f"EfficientNet-{args.model.upper()} at {size}px, batch {b}, {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, "
-          f"torch {torch.__version__}, this repo's autocast: {autocast or 'off'}")
+          f"torch {torch.__version__}, this repo's autocast: {amp_dtype(args.amp, device) or 'off'}; each contender "
+          f"in its own process, median of {args.rounds} rounds of {args.steps} steps")
     rows = []
 
-    def row(name, ours, base, unit, better="higher"):
-        ratio = ours / base
-        rows.append((name, ours, base, ratio, unit))
-        print(f"{name:<44} {ours:>10.1f} {base:>10.1f} {unit:<6} {ratio:>6.2f}x", flush=True)
+    def row(name, ours, base, unit):
+        rows.append((name, ours, base, ours / base, unit))
+        print(f"{name:<52} {ours:>10.1f} {base:>10.1f} {unit:<6} {ours / base:>6.2f}x", flush=True)
 
-    print(f"{'measurement':<44} {'this repo':>10} {'baseline':>10} {'unit':<6} {'ratio':>7}")
-    # 0. the same model either way: fp32, NCHW, eager, same optimizer
-    base = baseline_model(args.model, device).train()
-    ours = create_model(args.model).to(device).train()
-    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)  # noqa: E731
-    base_step = train_step_fn(base, sgd(base), x, y, None, False)
-    tv_train = rate(base_step, b, args.steps, device)
-    same = rate(train_step_fn(ours, sgd(ours), x, y, None, False), b, args.steps, device)
-    row("train step, same settings (fp32 NCHW)", same, tv_train, "img/s")
+    with tempfile.TemporaryDirectory() as photos:
+        write_photos(photos, 10 * b, (500, 375))
+        results = {}
+        for round_ in range(args.rounds):  # the contenders take turns, so a slow spell hits all alike
+            for which in CONTENDERS:
+                if which != "compile" or (args.compile and round_ == 0):
+                    results.setdefault(which, []).append(run_contender(which, args, photos))
+        memory = {which: run_contender(which, args, memory=True) for which in ("baseline", "default", "grad-checkpointing")}
+    median = {which: {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
+              for which, runs in results.items()}
+    rate = {which: m["rate"] for which, m in median.items()}
 
-    # 1. train.py's default path against the tutorial's plain loop
-    ours = ours.to(memory_format=torch.channels_last)
-    adamw = torch.optim.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.05)
-    step = train_step_fn(ours, adamw, x, y, autocast, True)
-    ours_train = rate(step, b, args.steps, device)
-    row("train step: train.py default vs tutorial loop", ours_train, tv_train, "img/s")
+    print(f"{'measurement':<52} {'this repo':>10} {'baseline':>10} {'unit':<6} {'ratio':>7}")
+    row("train step, same settings (fp32 NCHW, SGD)", rate["same-settings"], rate["baseline"], "img/s")
+    row("train step: train.py default vs tutorial loop", rate["default"], rate["baseline"], "img/s")
+    row("train step: default vs default w/o keep_freed_memory", rate["default"], rate["default-glibc"], "img/s")
     if args.compile:
-        compiled = torch.compile(ours)
-        start = time.perf_counter()
-        train_step_fn(compiled, adamw, x, y, autocast, True)()
-        warmup = time.perf_counter() - start
-        row(f"train step, --compile (warm-up {warmup:.0f}s)",
-            rate(train_step_fn(compiled, adamw, x, y, autocast, True), b, args.steps, device), tv_train, "img/s")
+        row(f"train step, --compile (warm-up {median['compile']['warmup']:.0f}s)", rate["compile"], rate["baseline"], "img/s")
+    row("train step, --grad-checkpointing", rate["grad-checkpointing"], rate["baseline"], "img/s")
+    row("peak tensor memory of a training step", memory["default"], memory["baseline"], "MiB")
+    row("peak tensor memory, --grad-checkpointing", memory["grad-checkpointing"], memory["baseline"], "MiB")
+    row("peak resident memory of the training process", median["default"]["peak"], median["baseline"]["peak"], "MiB")
+    row("the same, without keep_freed_memory", median["default-glibc"]["peak"], median["baseline"]["peak"], "MiB")
+    row("inference: predict.py vs torchvision eager", rate["infer"], rate["infer-baseline"], "img/s")
+    row("inference, predict.py --amp (bf16)", rate["infer-bf16"], rate["infer-baseline"], "img/s")
+    row(f"predict.py over {10 * b} JPEGs vs plain torchvision loop", rate["folder"], rate["folder-baseline"], "img/s")
 
-    # 3. peak memory of one training step
-    with PeakMemory(device) as mem_ours:
-        step()
-    with PeakMemory(device) as mem_base:
-        base_step()
-    row("peak memory of one train step", mem_ours.peak / 2**20, mem_base.peak / 2**20, "MiB")
-    # --grad-checkpointing: the memory lever that keeps results exact, paid for in speed
-    lean = create_model(args.model, grad_checkpointing=True).to(device, memory_format=torch.channels_last).train()
-    lean_step = train_step_fn(lean, torch.optim.AdamW(lean.parameters()), x, y, autocast, True)
-    lean_rate = rate(lean_step, b, args.steps, device)
-    with PeakMemory(device) as mem_lean:
-        lean_step()
-    row("peak memory, --grad-checkpointing", mem_lean.peak / 2**20, mem_base.peak / 2**20, "MiB")
-    row("train step, --grad-checkpointing", lean_rate, tv_train, "img/s")
-    del lean, lean_step
-
-    # 2. predict.py's path against torchvision eager
-    base.eval()
-    tv_infer = rate(infer_fn(base, x), b, args.steps, device)
-    fused = fuse_bn(ours.eval())
-    row("inference: predict.py vs torchvision eager", rate(infer_fn(fused, x.contiguous(
-        memory_format=torch.channels_last)), b, args.steps, device), tv_infer, "img/s")
-    row("inference, predict.py --amp (bf16)", rate(infer_fn(fused, x.contiguous(
-        memory_format=torch.channels_last), torch.bfloat16), b, args.steps, device), tv_infer, "img/s")
-
-    # 4. the loader alone, on phone-sized JPEGs, against the training step it feeds
+    # the loader alone, on phone-sized JPEGs, against the training step it feeds
     with tempfile.TemporaryDirectory() as tmp:
         for w, h in ((1600, 1200), (500, 375)):
             paths = write_photos(tmp, 2 * b, (w, h))
             full = loader_rate(paths, variant, size, b, args.workers, draft=False)
             drafted = loader_rate(paths, variant, size, b, args.workers, draft=True)
-            row(f"loader {w}x{h} JPEG, {args.workers} workers vs train step", drafted, ours_train, "img/s")
+            row(f"loader {w}x{h} JPEG, {args.workers} workers vs train step", drafted, rate["default"], "img/s")
             row(f"loader {w}x{h} JPEG: draft decode vs full", drafted, full, "img/s")
-
-    # predict.py end to end over a folder of JPEGs (decoding in workers) against a plain loop
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_photos(tmp, 10 * b, (500, 375))
-        row(f"predict.py over {len(paths)} JPEGs vs plain torchvision loop", folder_rate(paths, args, device, b),
-            folder_rate_baseline(paths, args.model, device, b), "img/s")
 
     if args.time_to_accuracy:
         print("time to 95 % val top-1, B0 on the bundled digits at 64 px (at most 10 epochs):")
@@ -306,4 +353,11 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    args = get_args_parser().parse_args()
+    if args.contender:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        print(json.dumps(tensor_memory(args.contender, args, device) if args.tensor_memory
+                         else measure(args.contender, args, device)))
+    else:
+        main(args)

@@ -158,6 +158,8 @@ def plot_predictions(results, path, limit=64):
 
 def main(args):
     device = utils.choose_device(args.device)
+    if device.type == "cpu":
+        utils.keep_freed_memory()
     model, info, transform, resize = load_model(args.weights, args.model, device)
     names = class_names(info, args.weights, args.class_indices, info["num_classes"])
     topk = min(args.topk, len(names))

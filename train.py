@@ -248,6 +248,8 @@ def main(args, parser):
         args, ckpt = load_resume(args, parser)
     set_defaults(args)
     device = utils.choose_device(args.device, local_rank)
+    if device.type == "cpu":
+        utils.keep_freed_memory()
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     variant = VARIANTS[args.model]

@@ -1,6 +1,7 @@
 """Data split, loaders, train/eval loops, checkpoints and plots shared by train.py and predict.py."""
 import contextlib
 import csv
+import ctypes
 import json
 import math
 import os
@@ -221,6 +222,21 @@ def choose_device(name, local_rank=0):
         if local_rank and device.index is None:
             device = torch.device("cuda", local_rank)
     return device
+
+
+def keep_freed_memory():
+    """On a CPU, let the C allocator keep freed memory for the next step instead of handing it
+    back to the system: every step frees and allocates the same activation-sized blocks, and
+    glibc's default returns them, so each step pays the kernel again for fresh zeroed pages.
+    Fixing the mmap threshold at its 32 MiB maximum and trimming only above 2 GiB made B0's
+    training step about 1.25x and inference about 1.15x faster on a 2-core CPU (benchmark.py),
+    for the same peak memory. Linux with glibc only (True if applied); elsewhere nothing changes."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def default_workers():
