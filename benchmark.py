@@ -65,6 +65,12 @@ def get_args_parser():
     return p
 
 
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -294,8 +300,7 @@ def run_contender(which, args, photos=None, memory=False):
 
 
 def main(args):
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     variant = VARIANTS[args.model]
     b, size = args.batch_size, args.img_size or variant.train_size
     print(f"EfficientNet-{args.model.upper()} at {size}px, batch {b}, {device}"
@@ -355,8 +360,7 @@ def main(args):
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
     if args.contender:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
+        device = pick_device(args.device)
         print(json.dumps(tensor_memory(args.contender, args, device) if args.tensor_memory
                          else measure(args.contender, args, device)))
     else:
