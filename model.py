@@ -126,7 +126,7 @@ class BatchNormSiLU(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         shape = (1, -1) + (1,) * (x.dim() - 2)
         scale = (invstd * weight).view(shape)
-        y = torch.addcmul((bias.view(shape) - mean.view(shape) * scale), x, scale).to(x.dtype)  # BatchNorm output
+        y = torch.addcmul(bias.view(shape) - mean.view(shape) * scale, x, scale).to(x.dtype)  # the BN output
         grad_y = torch.ops.aten.silu_backward(grad, y)
         del y
         grads = torch.ops.aten.native_batch_norm_backward(
@@ -158,6 +158,8 @@ class SqueezeExcite(SqueezeExcitation):
 
 
 class SigmoidGate(torch.autograd.Function):
+    """x * sigmoid(z) that keeps its output and the gate for backward, not x (see SqueezeExcite)."""
+
     @staticmethod
     def forward(ctx, x, z):
         gate = torch.sigmoid(z)
