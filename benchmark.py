@@ -41,7 +41,9 @@ CONTENDERS = {
     "infer-baseline": "infer", "infer": "infer", "infer-bf16": "infer",
     "folder-baseline": "folder", "folder": "folder",
 }
-BASELINES = ("baseline", "default-glibc", "infer-baseline", "folder-baseline")
+# the contenders that run with glibc's allocator defaults: the baselines, and "default-glibc",
+# train.py's default path without keep_freed_memory
+GLIBC_DEFAULTS = ("baseline", "default-glibc", "infer-baseline", "folder-baseline")
 
 
 def get_args_parser():
@@ -233,7 +235,7 @@ def measure(which, args, device):
     step, "warmup": seconds of that first step, "peak": MiB the steps added at most: the
     process's peak resident size (CPU; allocator caching included) or CUDA's peak allocation,
     above the level before them}."""
-    if device.type == "cpu" and which not in BASELINES:
+    if device.type == "cpu" and which not in GLIBC_DEFAULTS:
         utils.keep_freed_memory()
     if CONTENDERS[which] == "folder":
         paths = sorted(os.path.join(args.photos, p) for p in os.listdir(args.photos))
