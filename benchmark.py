@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import namedtuple
+from functools import partial
 
 import torch
 import torchvision
@@ -27,23 +29,8 @@ import torchvision
 import utils
 from model import VARIANTS, create_model, fuse_bn
 from my_dataset import MyDataSet
-from train import amp_dtype
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-# Each contender is timed in a fresh process of its own: this repo's paths with the settings its
-# scripts use (keep_freed_memory among them), the baselines with none, and no contender inherits
-# another's allocator state. "baseline" is the tutorial's loop: torchvision's model, fp32, NCHW, SGD.
-CONTENDERS = {
-    "baseline": "train", "same-settings": "train", "default": "train", "default-glibc": "train",
-    "grad-checkpointing": "train", "compile": "train",
-    "infer-baseline": "infer", "infer": "infer", "infer-bf16": "infer",
-    "folder-baseline": "folder", "folder": "folder",
-}
-# the contenders that run with glibc's allocator defaults: the baselines, and "default-glibc",
-# train.py's default path without keep_freed_memory
-GLIBC_DEFAULTS = ("baseline", "default-glibc", "infer-baseline", "folder-baseline")
 
 
 def get_args_parser():
@@ -65,12 +52,6 @@ def get_args_parser():
     p.add_argument("--photos", help=argparse.SUPPRESS)  # the folder the "folder" contenders predict
     p.add_argument("--tensor-memory", action="store_true", help=argparse.SUPPRESS)  # see tensor_memory()
     return p
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def sync(device):
@@ -120,7 +101,7 @@ def write_photos(folder, n, size):
 
 def loader_rate(paths, variant, img_size, batch, workers, draft):
     ds = MyDataSet(paths, [0] * len(paths), utils.build_transform(variant, img_size, train=True, scale=(0.25, 1)),
-                   draft_size=round(img_size / 0.5) if draft else None)
+                   draft_size=utils.train_draft_size(img_size, 0.25) if draft else None)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=MyDataSet.collate_fn,
                                          persistent_workers=workers > 0, shuffle=True)
     for _ in loader:  # warm-up epoch: workers started, files in the page cache
@@ -137,7 +118,8 @@ def folder_rate(paths, args, device, batch):
         weights = os.path.join(tmp, "w.pth")
         torch.save(baseline_model(args.model, "cpu").state_dict(), weights)
         model, info, transform, resize = predict.load_model(weights, device=device)
-    loader = torch.utils.data.DataLoader(predict.ImagePaths(paths, transform, 2 * resize), batch_size=batch,
+    loader = torch.utils.data.DataLoader(predict.ImagePaths(paths, transform, utils.eval_draft_size(resize)),
+                                         batch_size=batch,
                                          num_workers=args.workers, collate_fn=predict.ImagePaths.collate)
     start = time.perf_counter()
     n = sum(1 for _ in predict.predict(model, loader, device, 5))
@@ -201,28 +183,63 @@ def inputs(args, device):
             torch.randint(0, 1000, (args.batch_size,), device=device))
 
 
-def train_step(which, args, device, x, y):
-    """The training step of a "train" contender, as a function."""
-    if which == "baseline":
+def train_step(args, device, x, y, torchvision_model=False, tutorial=False, compile=False, grad_checkpointing=False):
+    """A training step as a function: torchvision's model or this repo's; the tutorial's settings
+    (fp32, NCHW, SGD) or train.py's default ones (channels-last, AdamW, --amp auto's autocast)."""
+    if torchvision_model:
         model = baseline_model(args.model, device)
     else:
-        model = create_model(args.model, grad_checkpointing=which == "grad-checkpointing").to(device)
+        model = create_model(args.model, grad_checkpointing=grad_checkpointing).to(device)
     model.train()
-    if which in ("baseline", "same-settings"):
+    if tutorial:
         sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         return train_step_fn(model, sgd, x, y, None, False)
     model = model.to(memory_format=torch.channels_last)
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    return train_step_fn(torch.compile(model) if which == "compile" else model, adamw, x, y,
-                         amp_dtype(args.amp, device), True)
+    return train_step_fn(torch.compile(model) if compile else model, adamw, x, y,
+                         utils.amp_dtype(args.amp, device), True)
 
 
-def infer_step(which, args, device, x):
-    if which == "infer-baseline":
+def infer_step(args, device, x, torchvision_model=False, bf16=False):
+    """Inference as a function: torchvision's model eager in fp32, or predict.py's path."""
+    if torchvision_model:
         return infer_fn(baseline_model(args.model, device).eval(), x)
     model = fuse_bn(create_model(args.model).to(device, memory_format=torch.channels_last))
-    return infer_fn(model, x.contiguous(memory_format=torch.channels_last),
-                    torch.bfloat16 if which == "infer-bf16" else None)
+    return infer_fn(model, x.contiguous(memory_format=torch.channels_last), torch.bfloat16 if bf16 else None)
+
+
+# One row per contender, each timed in a fresh process of its own so that none inherits another's
+# allocator state. kind: "train" and "infer" time steps of `run`'s function, "folder" calls `run`
+# for images/s over a folder of JPEGs; glibc: keep the C allocator's defaults (the baselines),
+# else the settings this repo's scripts use (keep_freed_memory); rows: what the report shows,
+# (label, the contender compared with, "rate" | "resident" | "tensor" memory); only: the option of
+# benchmark.py that this contender needs (it then runs in the first round only).
+Contender = namedtuple("Contender", "kind run glibc rows only", defaults=(False, (), None))
+TUTORIAL = "baseline"  # torchvision's model in the tutorial's loop: fp32, NCHW, SGD
+CONTENDERS = {
+    "baseline": Contender("train", partial(train_step, torchvision_model=True, tutorial=True), glibc=True),
+    "default-glibc": Contender("train", train_step, glibc=True, rows=[
+        ("peak resident memory, without keep_freed_memory", TUTORIAL, "resident")]),
+    "same-settings": Contender("train", partial(train_step, tutorial=True), rows=[
+        ("train step, same settings (fp32 NCHW, SGD)", TUTORIAL, "rate")]),
+    "default": Contender("train", train_step, rows=[
+        ("train step: train.py default vs tutorial loop", TUTORIAL, "rate"),
+        ("train step: default vs default w/o keep_freed_memory", "default-glibc", "rate"),
+        ("peak tensor memory of a training step", TUTORIAL, "tensor"),
+        ("peak resident memory of the training process", TUTORIAL, "resident")]),
+    "grad-checkpointing": Contender("train", partial(train_step, grad_checkpointing=True), rows=[
+        ("train step, --grad-checkpointing", TUTORIAL, "rate"),
+        ("peak tensor memory, --grad-checkpointing", TUTORIAL, "tensor")]),
+    "compile": Contender("train", partial(train_step, compile=True), only="compile", rows=[
+        ("train step, --compile (warm-up {warmup:.0f}s)", TUTORIAL, "rate")]),
+    "infer-baseline": Contender("infer", partial(infer_step, torchvision_model=True), glibc=True),
+    "infer": Contender("infer", infer_step, rows=[("inference: predict.py vs torchvision eager", "infer-baseline", "rate")]),
+    "infer-bf16": Contender("infer", partial(infer_step, bf16=True), rows=[
+        ("inference, predict.py --amp (bf16)", "infer-baseline", "rate")]),
+    "folder-baseline": Contender("folder", folder_rate_baseline, glibc=True),
+    "folder": Contender("folder", folder_rate, rows=[
+        ("predict.py over {photos} JPEGs vs plain torchvision loop", "folder-baseline", "rate")]),
+}
 
 
 def rss():
@@ -235,14 +252,14 @@ def measure(which, args, device):
     step, "warmup": seconds of that first step, "peak": MiB the steps added at most: the
     process's peak resident size (CPU; allocator caching included) or CUDA's peak allocation,
     above the level before them}."""
-    if device.type == "cpu" and which not in GLIBC_DEFAULTS:
+    contender = CONTENDERS[which]
+    if device.type == "cpu" and not contender.glibc:
         utils.keep_freed_memory()
-    if CONTENDERS[which] == "folder":
+    if contender.kind == "folder":
         paths = sorted(os.path.join(args.photos, p) for p in os.listdir(args.photos))
-        rate = (folder_rate if which == "folder" else folder_rate_baseline)(paths, args, device, args.batch_size)
-        return {"rate": rate}
+        return {"rate": contender.run(paths, args, device, args.batch_size)}
     x, y = inputs(args, device)
-    step = train_step(which, args, device, x, y) if CONTENDERS[which] == "train" else infer_step(which, args, device, x)
+    step = contender.run(args, device, x, y) if contender.kind == "train" else contender.run(args, device, x)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -268,7 +285,7 @@ def tensor_memory(which, args, device):
     back to the system at once and the resident size follows the live tensors; the peak is the
     kernel's high-water mark, reset just before the step."""
     x, y = inputs(args, device)
-    step = train_step(which, args, device, x, y)
+    step = CONTENDERS[which].run(args, device, x, y)
     step()  # warm-up: optimizer state, first-call allocations
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -302,12 +319,12 @@ def run_contender(which, args, photos=None, memory=False):
 
 
 def main(args):
-    device = pick_device(args.device)
+    device = utils.choose_device(args.device)
     variant = VARIANTS[args.model]
     b, size = args.batch_size, args.img_size or variant.train_size
     print(f"EfficientNet-{args.model.upper()} at {size}px, batch {b}, {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, "
-          f"torch {torch.__version__}, this repo's autocast: {amp_dtype(args.amp, device) or 'off'}; each contender "
+          f"torch {torch.__version__}, this repo's autocast: {utils.amp_dtype(args.amp, device) or 'off'}; each contender "
           f"in its own process, median of {args.rounds} rounds of {args.steps} steps")
     rows = []
 
@@ -315,32 +332,26 @@ def main(args):
         rows.append((name, ours, base, ours / base, unit))
         print(f"{name:<52} {ours:>10.1f} {base:>10.1f} {unit:<6} {ours / base:>6.2f}x", flush=True)
 
+    chosen = {name: c for name, c in CONTENDERS.items() if c.only is None or getattr(args, c.only)}
+    weighed = {n for name, c in chosen.items() for _, versus, metric in c.rows if metric == "tensor" for n in (name, versus)}
     with tempfile.TemporaryDirectory() as photos:
         write_photos(photos, 10 * b, (500, 375))
         results = {}
         for round_ in range(args.rounds):  # the contenders take turns, so a slow spell hits all alike
-            for which in CONTENDERS:
-                if which != "compile" or (args.compile and round_ == 0):
-                    results.setdefault(which, []).append(run_contender(which, args, photos))
-        memory = {which: run_contender(which, args, memory=True) for which in ("baseline", "default", "grad-checkpointing")}
-    median = {which: {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
-              for which, runs in results.items()}
-    rate = {which: m["rate"] for which, m in median.items()}
+            for name, c in chosen.items():
+                if c.only is None or round_ == 0:
+                    results.setdefault(name, []).append(run_contender(name, args, photos))
+        memory = {name: run_contender(name, args, memory=True) for name in weighed}
+    median = {name: {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
+              for name, runs in results.items()}
+    figure = {"rate": lambda name: median[name]["rate"], "resident": lambda name: median[name]["peak"],
+              "tensor": lambda name: memory[name]}
 
     print(f"{'measurement':<52} {'this repo':>10} {'baseline':>10} {'unit':<6} {'ratio':>7}")
-    row("train step, same settings (fp32 NCHW, SGD)", rate["same-settings"], rate["baseline"], "img/s")
-    row("train step: train.py default vs tutorial loop", rate["default"], rate["baseline"], "img/s")
-    row("train step: default vs default w/o keep_freed_memory", rate["default"], rate["default-glibc"], "img/s")
-    if args.compile:
-        row(f"train step, --compile (warm-up {median['compile']['warmup']:.0f}s)", rate["compile"], rate["baseline"], "img/s")
-    row("train step, --grad-checkpointing", rate["grad-checkpointing"], rate["baseline"], "img/s")
-    row("peak tensor memory of a training step", memory["default"], memory["baseline"], "MiB")
-    row("peak tensor memory, --grad-checkpointing", memory["grad-checkpointing"], memory["baseline"], "MiB")
-    row("peak resident memory of the training process", median["default"]["peak"], median["baseline"]["peak"], "MiB")
-    row("the same, without keep_freed_memory", median["default-glibc"]["peak"], median["baseline"]["peak"], "MiB")
-    row("inference: predict.py vs torchvision eager", rate["infer"], rate["infer-baseline"], "img/s")
-    row("inference, predict.py --amp (bf16)", rate["infer-bf16"], rate["infer-baseline"], "img/s")
-    row(f"predict.py over {10 * b} JPEGs vs plain torchvision loop", rate["folder"], rate["folder-baseline"], "img/s")
+    for name, c in chosen.items():
+        for label, versus, metric in c.rows:
+            row(label.format(photos=10 * b, **median[name]), figure[metric](name), figure[metric](versus),
+                "img/s" if metric == "rate" else "MiB")
 
     # the loader alone, on phone-sized JPEGs, against the training step it feeds
     with tempfile.TemporaryDirectory() as tmp:
@@ -348,7 +359,7 @@ def main(args):
             paths = write_photos(tmp, 2 * b, (w, h))
             full = loader_rate(paths, variant, size, b, args.workers, draft=False)
             drafted = loader_rate(paths, variant, size, b, args.workers, draft=True)
-            row(f"loader {w}x{h} JPEG, {args.workers} workers vs train step", drafted, rate["default"], "img/s")
+            row(f"loader {w}x{h} JPEG, {args.workers} workers vs train step", drafted, median["default"]["rate"], "img/s")
             row(f"loader {w}x{h} JPEG: draft decode vs full", drafted, full, "img/s")
 
     if args.time_to_accuracy:
@@ -361,9 +372,13 @@ def main(args):
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    if args.contender:
-        device = pick_device(args.device)
-        print(json.dumps(tensor_memory(args.contender, args, device) if args.tensor_memory
-                         else measure(args.contender, args, device)))
-    else:
-        main(args)
+    try:
+        if args.contender:
+            device = utils.choose_device(args.device)
+            print(json.dumps(tensor_memory(args.contender, args, device) if args.tensor_memory
+                             else measure(args.contender, args, device)))
+        else:
+            main(args)
+    except utils.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

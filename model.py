@@ -12,14 +12,15 @@ Module names follow the tutorial this repo grows from (`features.stem_conv`, `fe
 `features.top`, `classifier.1`), so its checkpoints load as they are. torchvision's official
 weight files (`features.1.0.block.0.0.weight`, ...) are renamed on load; see `read_weights`.
 
-Training keeps less for backward than autograd would (`BatchNormSiLU`, `SigmoidGate`: 0.62x of
-torchvision's activations for B0, same gradients); `fuse_bn` prepares a model for fast inference.
+`fuse_bn` prepares a model for fast inference. At the end of the file, after the paper's blocks,
+two autograd Functions keep less for backward than autograd would (0.62x of torchvision's
+activations for B0, same gradients); `create_model(..., lean=False)` or train.py's
+`--no-lean-activations` switches them off.
 """
 import contextlib
 import math
-import pickle
 import re
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import SqueezeExcitation, StochasticDepth
+
+from checkpoint import WeightsError, load_checkpoint, read_meta
 
 
 @dataclass(frozen=True)
@@ -62,23 +65,38 @@ VARIANTS = {
     "b7": Variant(2.0, 3.1, 0.5, 600, 600, 600),
 }
 
-# B0's seven stages: expand ratio, kernel, stride of the first block, in and out channels, repeats
+# BatchNorm eps of torchvision's weight files: B0-B4 were trained with PyTorch's default (1e-5),
+# B5-B7, ported from TensorFlow, with Keras' (1e-3, also the paper's and this repo's default)
+TORCHVISION_BN_EPS = {name: 1e-5 if name in ("b0", "b1", "b2", "b3", "b4") else 1e-3 for name in VARIANTS}
+
+# B0's seven stages; `stride` is the first block's, the others have stride 1
+Stage = namedtuple("Stage", "expand kernel stride cin cout repeats")
 STAGES = [
-    (1, 3, 1, 32, 16, 1),
-    (6, 3, 2, 16, 24, 2),
-    (6, 5, 2, 24, 40, 2),
-    (6, 3, 2, 40, 80, 3),
-    (6, 5, 1, 80, 112, 3),
-    (6, 5, 2, 112, 192, 4),
-    (6, 3, 1, 192, 320, 1),
+    Stage(1, 3, 1, 32, 16, 1),
+    Stage(6, 3, 2, 16, 24, 2),
+    Stage(6, 5, 2, 24, 40, 2),
+    Stage(6, 3, 2, 40, 80, 3),
+    Stage(6, 5, 1, 80, 112, 3),
+    Stage(6, 5, 2, 112, 192, 4),
+    Stage(6, 3, 1, 192, 320, 1),
 ]
+
+
+def stage_repeats(depth):
+    """Blocks per stage for a depth multiplier: B0's counts scaled and rounded up."""
+    return [math.ceil(stage.repeats * depth) for stage in STAGES]
+
+
+def block_name(stage, i):
+    """The tutorial's block names: stage 2's blocks are '2a', '2b', ..."""
+    return f"{stage}{chr(ord('a') + i)}"
 
 
 def variant_name(name):
     """'b3', 'B3', 'efficientnet_b3' and 'efficientnet-b3' all mean 'b3'."""
     key = str(name).lower().replace("efficientnet", "").strip("_-")
     if key not in VARIANTS:
-        raise WeightsError(f"unknown model '{name}': choose one of {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown model '{name}': choose one of {', '.join(VARIANTS)}")
     return key
 
 
@@ -91,6 +109,8 @@ def make_divisible(channels, divisor=8):
 class ConvBNAct(nn.Sequential):
     """Conv (no bias, 'same' padding) -> BatchNorm -> SiLU; `act=False` for the linear projection."""
 
+    lean = False  # EfficientNet(lean=True) turns on BatchNormSiLU (end of file) for its layers
+
     def __init__(self, cin, cout, kernel=1, stride=1, groups=1, act=True, norm=nn.BatchNorm2d):
         super().__init__(
             nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
@@ -100,77 +120,24 @@ class ConvBNAct(nn.Sequential):
 
     def forward(self, x):
         conv, norm, act = self
-        if norm.training and torch.is_grad_enabled() and type(norm) is nn.BatchNorm2d and type(act) is nn.SiLU:
-            return batchnorm_silu(conv(x), norm)  # same result, less memory (see BatchNormSiLU)
+        if self.lean and norm.training and torch.is_grad_enabled() and type(norm) is nn.BatchNorm2d \
+                and type(act) is nn.SiLU:
+            return batchnorm_silu(conv(x), norm)  # same result, less memory
         return act(norm(conv(x)))
 
 
-class BatchNormSiLU(torch.autograd.Function):
-    """SiLU(BatchNorm(x)) in training mode, keeping only x for backward.
-
-    Autograd would keep three activation-sized tensors here: the BatchNorm input, its output
-    (SiLU's backward needs it) and, as the SiLU runs in place, a copy of that output. This keeps
-    the input alone and recomputes the output in backward, one multiply-add per element: a third
-    of the memory, and faster on a CPU, where the copy costs more than the recomputation.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.eps = eps
-        return F.silu(y, inplace=True)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        scale = (invstd * weight).view(shape)
-        y = torch.addcmul(bias.view(shape) - mean.view(shape) * scale, x, scale).to(x.dtype)  # the BN output
-        grad_y = torch.ops.aten.silu_backward(grad, y)
-        del y
-        grads = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
-        return *grads, None, None, None, None
-
-
-def batchnorm_silu(x, bn):
-    """SiLU(bn(x)) for a BatchNorm2d in training mode, running statistics updated as bn(x) would."""
-    bn.num_batches_tracked.add_(1)
-    momentum = 1 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return BatchNormSiLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
-
-
 class SqueezeExcite(SqueezeExcitation):
-    """torchvision's squeeze-and-excitation (same modules, same weights) with a leaner gate.
+    """torchvision's squeeze-and-excitation (same modules, same weights): x * sigmoid(fc2(act(fc1(pool(x)))))."""
 
-    The gate x * sigmoid(z) needs x in backward only for the gradient of z, and that gradient
-    equals sum(grad * out) * (1 - sigmoid(z)) with out = x * sigmoid(z), the gate's own output,
-    which the next conv keeps anyway. So SigmoidGate keeps no copy of x. Without gradients the
-    gate works in place: x is the block's own intermediate and is not read again.
-    """
+    lean = False  # EfficientNet(lean=True): SigmoidGate in training, the gate in place without gradients
 
     def forward(self, x):
+        if not self.lean:
+            return super().forward(x)
         z = self.fc2(self.activation(self.fc1(self.avgpool(x))))
         if x.requires_grad or z.requires_grad:
             return SigmoidGate.apply(x, z)
-        return x.mul_(z.sigmoid_())
-
-
-class SigmoidGate(torch.autograd.Function):
-    """x * sigmoid(z) that keeps its output and the gate for backward, not x (see SqueezeExcite)."""
-
-    @staticmethod
-    def forward(ctx, x, z):
-        gate = torch.sigmoid(z)
-        out = x * gate
-        ctx.save_for_backward(out, gate)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out, gate = ctx.saved_tensors
-        return grad * gate, (grad * out).sum((2, 3), keepdim=True) * (1 - gate)
+        return x.mul_(z.sigmoid_())  # x is the block's own intermediate and is not read again
 
 
 class MBConv(nn.Module):
@@ -200,26 +167,30 @@ class MBConv(nn.Module):
 
 class EfficientNet(nn.Module):
     def __init__(self, width, depth, dropout, num_classes=1000, drop_path_rate=0.2,
-                 bn_eps=1e-3, bn_momentum=0.1, grad_checkpointing=False):
+                 bn_eps=1e-3, bn_momentum=0.1, grad_checkpointing=False, lean=True):
         super().__init__()
+        self.bn_eps = bn_eps  # 1e-3 as in the paper (TF); torchvision's B0-B4 weights need 1e-5
         norm = partial(nn.BatchNorm2d, eps=bn_eps, momentum=bn_momentum)
         ch = lambda c: make_divisible(c * width)  # noqa: E731
-        repeats = [math.ceil(r * depth) for *_, r in STAGES]
+        repeats = stage_repeats(depth)
 
         layers = OrderedDict(stem_conv=ConvBNAct(3, ch(32), 3, 2, norm=norm))
         index, total = 0, sum(repeats)
-        for stage, ((expand, kernel, stride, cin, cout, _), n) in enumerate(zip(STAGES, repeats), 1):
+        for number, (stage, n) in enumerate(zip(STAGES, repeats), 1):
             for i in range(n):
                 # deeper blocks are dropped more often: the rate rises linearly from 0 to drop_path_rate
-                layers[f"{stage}{chr(ord('a') + i)}"] = MBConv(
-                    ch(cin) if i == 0 else ch(cout), ch(cout), expand, kernel,
-                    stride if i == 0 else 1, drop_path_rate * index / total, norm)
+                layers[block_name(number, i)] = MBConv(
+                    ch(stage.cin) if i == 0 else ch(stage.cout), ch(stage.cout), stage.expand, stage.kernel,
+                    stage.stride if i == 0 else 1, drop_path_rate * index / total, norm)
                 index += 1
         layers["top"] = ConvBNAct(ch(320), ch(1280), 1, norm=norm)
         self.features = nn.Sequential(layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout, inplace=True), nn.Linear(ch(1280), num_classes))
         self.grad_checkpointing = grad_checkpointing
+        for m in self.modules():
+            if isinstance(m, (ConvBNAct, SqueezeExcite)):
+                m.lean = lean
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -298,29 +269,6 @@ def fuse_bn(model):
 # Weights: torchvision's files, the tutorial's files and this repo's checkpoints
 # ---------------------------------------------------------------------------------------------
 
-class WeightsError(ValueError):
-    """A weights file or model name the user gave cannot be used; the message says why."""
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True: a file that would run code on unpickling is refused."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"weights file not found: {path}; check the --weights path") from None
-    except IsADirectoryError:
-        raise WeightsError(f"{path} is a folder; pass the .pth file inside it") from None
-    except pickle.UnpicklingError as e:
-        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line.upper()]
-        if not blocked:  # not a pickle at all
-            raise WeightsError(f"{path} is not a PyTorch checkpoint: pass a .pth file saved with torch.save") from None
-        raise WeightsError(f"refusing to load {path}: unpickling it would run code or build objects "
-                           f"that are not plain tensors ({blocked[0][:100]}); use weights from a source "
-                           "you trust, saved as a state_dict") from None
-    except Exception:  # any other way a file can fail to be a checkpoint: text, truncated, empty
-        raise WeightsError(f"{path} is not a PyTorch checkpoint: pass a .pth file saved with torch.save") from None
-
-
 def _unwrap(obj):
     """The state_dict inside a checkpoint: {'model': sd}, {'state_dict': sd} or sd itself."""
     for key in ("model", "state_dict", "model_state_dict"):
@@ -341,7 +289,7 @@ def _from_torchvision(sd):
             parts = ["expand_conv", "dwconv", "se", "project_conv"]
             if f"{stage}.{i}" not in blocks_with_expand:
                 parts = parts[1:]
-            key = f"features.{stage}{chr(ord('a') + int(i))}.block.{parts[int(j)]}.{rest}"
+            key = f"features.{block_name(stage, int(i))}.block.{parts[int(j)]}.{rest}"
         elif m := re.match(r"features\.(\d+)\.(.*)", key):
             stage, rest = m.groups()
             key = f"features.{'stem_conv' if stage == '0' else 'top' if int(stage) == last else stage}.{rest}"
@@ -357,7 +305,7 @@ def _signature(sd):
 
 
 _SIGNATURE_TO_VARIANT = {
-    (sum(math.ceil(r * v.depth) for *_, r in STAGES), make_divisible(1280 * v.width)): name
+    (sum(stage_repeats(v.depth)), make_divisible(1280 * v.width)): name
     for name, v in VARIANTS.items()
 }
 
@@ -366,14 +314,14 @@ def read_weights(source, where="weights"):
     """A state_dict in this repo's naming plus what the file tells about itself.
 
     `source` is a path or an already loaded object. Returns (state_dict, info) where info has
-    'variant', 'num_classes', 'bn_eps', 'format' and, for this repo's checkpoints, their metadata.
+    'variant', 'num_classes', 'bn_eps', 'source' (torchvision, tutorial or efficientnet-scripts)
+    and, for this repo's checkpoints, their metadata (checkpoint.py).
     """
     if not isinstance(source, dict):
         where = str(source)
         source = load_checkpoint(source)
     sd = _unwrap(source)
-    # this repo's checkpoints keep their self-description under "meta"
-    meta = source.get("meta", {}) if isinstance(source, dict) and sd is not source else {}
+    meta = read_meta(source, where)  # this repo's checkpoints describe themselves
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{where} holds no state_dict of tensors; expected an EfficientNet weights file")
     # DDP and torch.compile add prefixes to every key
@@ -388,22 +336,22 @@ def read_weights(source, where="weights"):
     if variant is None:
         raise WeightsError(f"{where} does not match any of EfficientNet B0-B7 "
                            f"({_signature(sd)[0]} blocks, top width {_signature(sd)[1]})")
-    # torchvision trained B0-B4 with PyTorch's BatchNorm eps (1e-5) and B5-B7 with Keras' (1e-3)
-    default_eps = 1e-5 if fmt == "torchvision" and variant in ("b0", "b1", "b2", "b3", "b4") else 1e-3
-    info = dict(meta, variant=variant, format=fmt, bn_eps=meta.get("bn_eps", default_eps),
+    default_eps = TORCHVISION_BN_EPS[variant] if fmt == "torchvision" else 1e-3
+    info = dict(meta, variant=variant, source=fmt, bn_eps=meta.get("bn_eps", default_eps),
                 num_classes=sd["classifier.1.weight"].shape[0] if "classifier.1.weight" in sd else None)
     return sd, info
 
 
-def create_model(name, num_classes=1000, weights=None, verbose=True, **options):
-    """EfficientNet `name` ('b0'..'b7'), optionally loaded from `weights` (a path or a state_dict
-    in torchvision's, the tutorial's or this repo's format). A checkpoint with another class count
-    gets a fresh classifier; anything else that does not fit is a WeightsError."""
+def create_model(name="b0", num_classes=1000, weights=None, verbose=True, **options):
+    """EfficientNet `name` ('b0'..'b7'), optionally loaded from `weights`: a path, or a loaded file
+    (a state_dict or a checkpoint) in torchvision's, the tutorial's or this repo's format. A file
+    with another class count gets a fresh classifier; anything else that does not fit is a
+    WeightsError. `options` go to EfficientNet: drop_path_rate, bn_eps, grad_checkpointing, lean."""
     name = variant_name(name)
     if weights is None:
         return efficientnet(name, num_classes, **options)
     sd, info = read_weights(weights)
-    where = "the given state_dict" if isinstance(weights, dict) else str(weights)
+    where = "the given weights" if isinstance(weights, dict) else str(weights)
     if info["variant"] != name:
         raise WeightsError(f"{where} holds EfficientNet-{info['variant'].upper()} weights, not "
                            f"{name.upper()}: use --model {info['variant']}")
@@ -424,3 +372,66 @@ def create_model(name, num_classes=1000, weights=None, verbose=True, **options):
         raise WeightsError(f"{where} does not fit EfficientNet-{name.upper()}: "
                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaner training: the same results as plain autograd with less kept for backward.
+# Used by ConvBNAct and SqueezeExcite when `lean` is on (the default); SyncBatchNorm, frozen
+# BatchNorm and fused models take the plain path.
+# ---------------------------------------------------------------------------------------------
+
+class BatchNormSiLU(torch.autograd.Function):
+    """SiLU(BatchNorm(x)) in training mode, keeping only x for backward.
+
+    Autograd would keep three activation-sized tensors here: the BatchNorm input, its output
+    (SiLU's backward needs it) and, as the SiLU runs in place, a copy of that output. This keeps
+    the input alone and recomputes the output in backward, one multiply-add per element: a third
+    of the memory, and faster on a CPU, where the copy costs more than the recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        return F.silu(y, inplace=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = (invstd * weight).view(shape)
+        y = torch.addcmul(bias.view(shape) - mean.view(shape) * scale, x, scale).to(x.dtype)  # the BN output
+        grad_y = torch.ops.aten.silu_backward(grad, y)
+        del y
+        grads = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return *grads, None, None, None, None
+
+
+def batchnorm_silu(x, bn):
+    """SiLU(bn(x)) for a BatchNorm2d in training mode, running statistics updated as bn(x) would."""
+    bn.num_batches_tracked.add_(1)
+    momentum = 1 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return BatchNormSiLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
+
+
+class SigmoidGate(torch.autograd.Function):
+    """x * sigmoid(z), the squeeze-excite gate, keeping its output and the gate for backward, not x.
+
+    x is needed in backward only for the gradient of z, and that gradient equals
+    sum(grad * out) * (1 - sigmoid(z)) with out = x * sigmoid(z), the gate's own output, which
+    the next conv keeps anyway. So no copy of x is kept; the algebra is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x, z):
+        gate = torch.sigmoid(z)
+        out = x * gate
+        ctx.save_for_backward(out, gate)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, gate = ctx.saved_tensors
+        return grad * gate, (grad * out).sum((2, 3), keepdim=True) * (1 - gate)

@@ -21,8 +21,10 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
+import checkpoint
 import utils
-from model import VARIANTS, WeightsError, Variant, create_model, fuse_bn, read_weights
+from checkpoint import WeightsError
+from model import VARIANTS, Variant, create_model, fuse_bn, read_weights
 from my_dataset import load_rgb
 
 
@@ -75,7 +77,7 @@ def class_names(info, weights_path, class_indices, num_classes):
     else:
         names = [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
-        raise utils.DataError(f"the weights have {num_classes} classes but {len(names)} class names were found; "
+        raise utils.UsageError(f"the weights have {num_classes} classes but {len(names)} class names were found; "
                               "pass the matching --class-indices")
     return names
 
@@ -112,10 +114,14 @@ class ImagePaths(Dataset):
 
 
 def load_model(weights, model_name=None, device=torch.device("cpu")):
-    """(model ready for inference, class names, eval transform, resize) from a weights file."""
-    sd, info = read_weights(weights)
-    # hand the state_dict back with what the file said of itself (BatchNorm eps among it)
-    model = create_model(model_name or info["variant"], info["num_classes"], weights={"model": sd, "meta": info})
+    """(model ready for inference, what the file says of itself (read_weights' info: variant,
+    class count, and for this repo's checkpoints classes and preprocessing), eval transform, resize)."""
+    ckpt = checkpoint.load_checkpoint(weights)  # opened once: read_weights and create_model take the loaded file
+    _, info = read_weights(ckpt, where=weights)
+    if model_name is not None and model_name != info["variant"]:
+        raise WeightsError(f"{weights} holds EfficientNet-{info['variant'].upper()} weights, not "
+                           f"{model_name.upper()}: use --model {info['variant']} or leave --model out")
+    model = create_model(info["variant"], info["num_classes"], weights=ckpt, verbose=False)
     model = fuse_bn(model).to(device, memory_format=torch.channels_last)
     transform, resize = eval_transform(info, info["variant"])
     return model, info, transform, resize
@@ -164,8 +170,7 @@ def main(args):
     names = class_names(info, args.weights, args.class_indices, info["num_classes"])
     topk = min(args.topk, len(names))
     paths, missing = expand_paths(args.paths)
-    # a large JPEG decodes at reduced size, but at least twice the resize: the resize still antialiases
-    dataset = ImagePaths(paths, transform, draft_size=2 * resize)
+    dataset = ImagePaths(paths, transform, draft_size=utils.eval_draft_size(resize))
     workers = args.workers if len(paths) > args.batch_size else 0
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
                         collate_fn=ImagePaths.collate, pin_memory=device.type == "cuda")
@@ -221,7 +226,7 @@ if __name__ == "__main__":
         get_args_parser().error("--topk and --batch-size must be at least 1")
     try:
         sys.exit(main(args))
-    except (utils.DataError, WeightsError) as e:
+    except (utils.UsageError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # the output went into `head` or similar, which stopped reading

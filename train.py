@@ -9,20 +9,22 @@ Each run writes to its own folder (default weights/<model>-<dataset>, then -2, -
 last.pth, metrics.csv, curves.png, confusion_matrix.png, per_class.csv, class_indices.json.
 """
 import argparse
-import datetime
 import math
 import os
 import random
 import signal
 import sys
 import time
+from collections import namedtuple
 
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
+import checkpoint
 import utils
-from model import VARIANTS, WeightsError, create_model, load_checkpoint
+from checkpoint import WeightsError
+from model import VARIANTS, create_model
 from my_dataset import MyDataSet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,6 +69,9 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward: much less memory for B4-B7, ~25%% slower")
+    p.add_argument("--lean-activations", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep less for backward (BatchNormSiLU and SigmoidGate in model.py): 0.62x the activation "
+                        "memory, same gradients; --no-lean-activations uses plain autograd")
     p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across GPUs (torchrun)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
     p.add_argument("--workers", type=int, default=utils.default_workers(), help="data loading processes")
@@ -103,23 +108,6 @@ def check_args(p, args):
         p.error(f"--ema-decay must be between 0 and 1 (got {args.ema_decay})")
 
 
-def cpu_has_amx():
-    """Intel AMX tiles make bf16 convolutions fast on a CPU; AVX512-BF16 alone measured slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
-def amp_dtype(mode, device):
-    """The autocast dtype, or None for full fp32."""
-    if mode == "auto":
-        fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_amx()
-        mode = "bf16" if fast_bf16 else "off"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
-
-
 def default_run_dir(args):
     base = os.path.join("weights", f"{args.model}-{os.path.basename(os.path.normpath(args.data_path))}")
     run_dir, n = base, 1
@@ -133,15 +121,74 @@ def prepare_run_dir(args):
     if args.output_dir is None:
         args.output_dir = default_run_dir(args)
     elif os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.exist_ok:
-        raise utils.DataError(f"--output-dir {args.output_dir} already holds files: pass --resume to continue "
+        raise utils.UsageError(f"--output-dir {args.output_dir} already holds files: pass --resume to continue "
                               "that run, --exist-ok to write into it anyway, or choose another folder")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         utils.atomic_write_text(os.path.join(args.output_dir, ".write-test"), "ok")
         os.remove(os.path.join(args.output_dir, ".write-test"))
     except OSError as e:
-        raise utils.DataError(f"cannot write to the run folder {args.output_dir} ({e.strerror}): "
+        raise utils.UsageError(f"cannot write to the run folder {args.output_dir} ({e.strerror}): "
                               "choose another with --output-dir or free some space") from None
+
+
+def resume_args(args, parser):
+    """The flags and checkpoint of the run that --resume continues: its own flags, except those in
+    RESUMABLE given now; flags added to train.py since that run take their defaults."""
+    path = args.resume or os.path.join(args.output_dir or "", "last.pth")
+    ckpt = checkpoint.load_resume(path)
+    given = {k: v for k, v in vars(args).items() if k in RESUMABLE and v != parser.get_default(k)}
+    defaults = vars(parser.parse_args([]))
+    restored = argparse.Namespace(**{**defaults, **ckpt["meta"]["args"], **given})
+    restored.output_dir = os.path.dirname(os.path.abspath(path))
+    restored.resume, restored.eval_only = path, args.eval_only
+    return restored, ckpt
+
+
+Data = namedtuple("Data", "split train_loader val_loader train_sampler")
+
+
+def build_data(args, device):
+    """The split of --data-path and its loaders; under torchrun each process gets its own part."""
+    rank, world = utils.rank(), utils.world_size()
+    variant = VARIANTS[args.model]
+    split = utils.read_split_data(args.data_path, args.val_rate, args.seed)
+    train_set = MyDataSet(split.train_images, split.train_labels,
+                          draft_size=utils.train_draft_size(args.img_size, args.crop_scale[0]),
+                          transform=utils.build_transform(variant, args.img_size, train=True,
+                                                          scale=tuple(args.crop_scale), hflip=not args.no_hflip))
+    # validation decodes and resizes as predict.py does, so both see the same pixels
+    val_set = MyDataSet(split.val_images, split.val_labels,
+                        draft_size=utils.eval_draft_size(variant.eval_sizes(args.img_size)[0]),
+                        transform=utils.build_transform(variant, args.img_size, train=False))
+    # every validation image is evaluated exactly once across ranks: no padding, no duplicates
+    val_part = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    train_sampler = (torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+                     if world > 1 else None)
+    return Data(split, utils.make_loader(train_set, args.batch_size, True, args.workers, device, train_sampler),
+                utils.make_loader(val_part, args.batch_size, False, args.workers, device), train_sampler)
+
+
+# train: what the loop calls (DDP and/or compiled); raw: the plain model, saved in last.pth;
+# eval: what is evaluated, and its plain module is saved in best.pth (the EMA's when there is one)
+Models = namedtuple("Models", "train raw eval ema")
+
+
+def build_model(args, num_classes, ckpt, device):
+    weights = ckpt if ckpt is not None else args.weights
+    model = create_model(args.model, num_classes, weights=weights, verbose=utils.rank() == 0,
+                         grad_checkpointing=args.grad_checkpointing, lean=args.lean_activations)
+    if args.freeze_layers:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(("features.top.", "classifier."))
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    if utils.world_size() > 1 and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    compiled = torch.compile(model) if args.compile else model
+    train_model = compiled if utils.world_size() == 1 else torch.nn.parallel.DistributedDataParallel(
+        compiled, device_ids=[device.index] if device.type == "cuda" else None)
+    ema = AveragedModel(model, multi_avg_fn=ema_update(args.ema_decay), use_buffers=True) if args.ema else None
+    return Models(train_model, model, ema.module if ema is not None else compiled, ema)
 
 
 def build_optimizer(args, model):
@@ -196,205 +243,151 @@ def set_defaults(args):
         args.weight_decay = 0.05 if args.optimizer == "adamw" else 1e-5
 
 
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def build_optimization(args, models, batches_per_epoch, device, ckpt):
+    """(optimizer, LR schedule, grad scaler) and the run's progress: new, or as --resume left them."""
+    optimizer = build_optimizer(args, models.raw)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=utils.amp_dtype(args.amp, device) == torch.float16)
+    progress = checkpoint.new_progress()
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if models.ema is not None and ckpt.get("ema"):
+            models.ema.load_state_dict(ckpt["ema"])
+        rngs = ckpt["rng"]
+        utils.set_rng_state(rngs[min(utils.rank(), len(rngs) - 1)])
+        progress = {k: ckpt[k] for k in progress}
+        utils.print0(f"resuming {args.output_dir} at epoch {progress['epoch'] + 1} "
+                     f"(best val top-1 so far {progress['best_top1']:.4f})")
+    return (optimizer, scheduler, scaler), progress
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def evaluate_only(args, models, data, device):
+    classes = data.split.classes
+    result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last, utils.rank() == 0)
+    utils.print0(f"{len(data.split.val_images)} validation images: loss {result['val_loss']:.4f}  "
+                 f"top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}")
+    for row in utils.per_class_rows(result["confusion"], classes):
+        utils.print0(f"  {row['class']:>20}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+                     f"f1 {row['f1']:.3f}  support {row['support']}")
+    return 0
 
 
-def setup_distributed():
-    """(rank, world size, local rank), initialising the process group when run under torchrun."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def load_resume(args, parser):
-    """Restore a run from its last.pth: its own flags, except those in RESUMABLE given now."""
-    path = args.resume or os.path.join(args.output_dir or "", "last.pth")
-    if not os.path.isfile(path):
-        raise utils.DataError(f"--resume: no checkpoint at {path}; pass the run's last.pth, "
-                              "e.g. --resume weights/b0-digits/last.pth")
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "args" not in ckpt.get("meta", {}):
-        raise utils.DataError(f"--resume: {path} is not a last.pth written by train.py; to start from its "
-                              "weights use --weights instead")
-    given = {k: v for k, v in vars(args).items() if k in RESUMABLE and v != parser.get_default(k)}
-    restored = argparse.Namespace(**dict(ckpt["meta"]["args"], **given))
-    restored.output_dir = os.path.dirname(os.path.abspath(path))
-    restored.resume, restored.eval_only = path, args.eval_only
-    return restored, ckpt
+def start_outputs(args, resumed, split):
+    """The run folder (a new one, or the resumed run's, cleaned of writes a kill cut short) with
+    what is known before training: class names and the class distribution."""
+    if resumed:
+        checkpoint.remove_stale_temp_files(args.output_dir)
+    else:
+        prepare_run_dir(args)
+    utils.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), split.classes)
+    utils.plot_class_distribution(split, os.path.join(args.output_dir, "class_distribution.png"))
 
 
 def main(args, parser):
-    rank, world, local_rank = setup_distributed()
-    is_main = rank == 0
-    print0 = print if is_main else (lambda *a, **k: None)
+    rank, world, local_rank = utils.setup_distributed()
     ckpt = None
     if args.resume is not None:
-        args, ckpt = load_resume(args, parser)
+        args, ckpt = resume_args(args, parser)
     set_defaults(args)
     device = utils.choose_device(args.device, local_rank)
     if device.type == "cpu":
         utils.keep_freed_memory()
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
-    variant = VARIANTS[args.model]
-    autocast = amp_dtype(args.amp, device)
 
-    split = utils.read_split_data(args.data_path, args.val_rate, args.seed)
-    classes = split.classes
+    data = build_data(args, device)
+    classes = data.split.classes
     if ckpt is not None and ckpt["meta"]["classes"] != classes:
         raise utils.DataError(f"--resume: {args.data_path} has classes {classes}, but the run was trained on "
                               f"{ckpt['meta']['classes']}; resume with the same data or start a new run")
-    if is_main and not args.eval_only:
-        if ckpt is None:
-            prepare_run_dir(args)
-        else:
-            utils.remove_stale_temp_files(args.output_dir)
-        utils.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), classes)
-        utils.plot_class_distribution(split, os.path.join(args.output_dir, "class_distribution.png"))
-
-    # never decode a large JPEG smaller than the largest training crop can use
-    draft = round(args.img_size / math.sqrt(args.crop_scale[0]))
-    train_set = MyDataSet(split.train_images, split.train_labels, draft_size=draft, transform=utils.build_transform(
-        variant, args.img_size, train=True, scale=tuple(args.crop_scale), hflip=not args.no_hflip))
-    # and a validation JPEG not below twice the resize, as predict.py does, so both see the same pixels
-    val_set = MyDataSet(split.val_images, split.val_labels, draft_size=2 * variant.eval_sizes(args.img_size)[0],
-                        transform=utils.build_transform(variant, args.img_size, train=False))
-    # every validation image is evaluated exactly once across ranks: no padding, no duplicates
-    val_part = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
-    train_sampler = (torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
-                     if world > 1 else None)
-    train_loader = utils.make_loader(train_set, args.batch_size, True, args.workers, device, train_sampler)
-    val_loader = utils.make_loader(val_part, args.batch_size, False, args.workers, device)
-
-    weights = ckpt if ckpt is not None else args.weights
-    model = create_model(args.model, len(classes), weights=weights, verbose=is_main,
-                         grad_checkpointing=args.grad_checkpointing)
-    bn_eps = model.features.stem_conv[1].eps
-    if args.freeze_layers:
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith(("features.top.", "classifier."))
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    if world > 1 and args.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    raw_model = model  # what gets saved: never the DDP or compiled wrapper
-    compiled = torch.compile(model) if args.compile else model
-    model = compiled if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    ema = AveragedModel(raw_model, multi_avg_fn=ema_update(args.ema_decay), use_buffers=True) if args.ema else None
-    eval_model = ema.module if ema is not None else compiled
-
+    models = build_model(args, len(classes), ckpt, device)
     if args.eval_only:
-        result = utils.evaluate(eval_model, val_loader, device, len(classes), args.channels_last, is_main)
-        print0(f"{len(split.val_images)} validation images: loss {result['val_loss']:.4f}  "
-               f"top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}")
-        for row in utils.per_class_rows(result["confusion"], classes):
-            print0(f"  {row['class']:>20}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
-                   f"f1 {row['f1']:.3f}  support {row['support']}")
-        return 0
+        return evaluate_only(args, models, data, device)
+    if rank == 0:
+        start_outputs(args, ckpt is not None, data.split)
 
-    optimizer = build_optimizer(args, raw_model)
-    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
-    start_epoch, best, history, best_confusion = 1, -1.0, [], None
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema"):
-            ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
-        start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best_top1"], ckpt["history"]
-        best_confusion = ckpt.get("best_confusion")
-        print0(f"resuming {args.output_dir} at epoch {start_epoch} (best val top-1 so far {best:.4f})")
+    optimization, progress = build_optimization(args, models, len(data.train_loader), device, ckpt)
+    amp = utils.amp_dtype(args.amp, device)
+    utils.print0(f"EfficientNet-{args.model.upper()} at {args.img_size}px, {len(classes)} classes, "
+                 f"{len(data.split.train_images)} train / {len(data.split.val_images)} val images, device {device}"
+                 f"{f' x {world} processes' if world > 1 else ''}, global batch {args.batch_size * world * args.grad_accum}, "
+                 f"{args.optimizer} lr {args.lr:g}, amp {amp and str(amp).split('.')[-1] or 'off'}")
+    utils.print0(f"writing to {args.output_dir}")
+    meta = checkpoint.make_meta(args, classes, VARIANTS[args.model], models.raw.bn_eps)
+    return fit(args, models, data, optimization, progress, meta, device)
 
-    meta = {"variant": args.model, "classes": classes, "img_size": args.img_size, "bn_eps": bn_eps,
-            "mean": list(variant.mean), "std": list(variant.std), "interpolation": variant.interpolation,
-            "eval_resize": variant.eval_sizes(args.img_size)[0], "eval_crop": args.img_size,
-            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+
+def fit(args, models, data, optimization, progress, meta, device):
+    """The epoch loop: train, evaluate, save best.pth, last.pth, metrics and plots; the exit code."""
+    optimizer, scheduler, scaler = optimization
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    is_main, classes = utils.rank() == 0, data.split.classes
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
 
-    def save_last(epoch):
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+    def save_last():
+        rngs = utils.gather_objects(utils.rng_state())  # every process's, so each resumes its own
         if is_main:
-            utils.save_checkpoint({"model": raw_model.state_dict(), "meta": meta, "epoch": epoch,
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
-                                   "best_top1": best, "history": history, "best_confusion": best_confusion,
-                                   "rng": rngs}, out("last.pth"))
+            checkpoint.save_last(out("last.pth"), models.raw, meta, progress, optimizer, scheduler, scaler,
+                                 models.ema, rngs)
 
-    global_batch = args.batch_size * world * args.grad_accum
-    print0(f"EfficientNet-{args.model.upper()} at {args.img_size}px, {len(classes)} classes, "
-           f"{len(split.train_images)} train / {len(split.val_images)} val images, device {device}"
-           f"{f' x {world} processes' if world > 1 else ''}, global batch {global_batch}, "
-           f"{args.optimizer} lr {args.lr:g}, amp {autocast and str(autocast).split('.')[-1] or 'off'}")
-    print0(f"writing to {args.output_dir}")
-    if ckpt is None:
-        save_last(0)  # even a run stopped in its first epoch can be resumed
-    done = start_epoch - 1  # the last epoch whose state last.pth holds
+    if progress["epoch"] == 0:
+        save_last()  # even a run stopped in its first epoch can be resumed
+    done = progress["epoch"]  # the last epoch whose state last.pth holds
     try:
-        for epoch in range(start_epoch, args.epochs + 1):
-            if train_sampler is not None:
-                train_sampler.set_epoch(epoch)
+        for epoch in range(progress["epoch"] + 1, args.epochs + 1):
+            if data.train_sampler is not None:
+                data.train_sampler.set_epoch(epoch)
             start = time.perf_counter()
-            train_loss, rate = utils.train_one_epoch(
-                model, optimizer, train_loader, device, epoch, scheduler, scaler, ema, autocast,
-                args.grad_accum, args.clip_grad, args.label_smoothing, args.channels_last, is_main)
+            train_loss, rate = utils.train_one_epoch(models.train, criterion, optimizer, data.train_loader, device,
+                                                     epoch, args, scheduler, scaler, models.ema, is_main)
             # BatchNorm statistics drift apart on each rank: evaluate (and save) rank 0's everywhere
-            utils.broadcast_buffers(eval_model)
-            result = utils.evaluate(eval_model, val_loader, device, len(classes), args.channels_last, is_main)
+            utils.broadcast_buffers(models.eval)
+            result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last, is_main)
             row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                    **{k: result[k] for k in ("val_loss", "val_top1", "val_top5")},
                    "epoch_seconds": time.perf_counter() - start, "images_per_second": rate}
-            history.append(row)
-            if result["val_top1"] > best:
-                best, best_confusion = result["val_top1"], result["confusion"]
+            progress["history"].append(row)
+            if result["val_top1"] > progress["best_top1"]:
+                progress.update(best_top1=result["val_top1"], best_confusion=result["confusion"])
                 if is_main:
-                    utils.save_checkpoint({"model": (raw_model if ema is None else ema.module).state_dict(),
-                                           "epoch": epoch, "val_top1": best, "meta": meta}, out("best.pth"))
-            save_last(epoch)
+                    plain = models.raw if models.ema is None else models.ema.module
+                    checkpoint.save_best(out("best.pth"), plain, meta, epoch, result["val_top1"])
+            progress["epoch"] = epoch
+            save_last()
             done = epoch
             if is_main:
-                utils.write_metrics(out("metrics.csv"), history)
-                utils.plot_curves(history, out("curves.png"))
-            print0(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}  "
-                   f"top-1 {row['val_top1']:.4f}  top-5 {row['val_top5']:.4f}  lr {row['lr']:.2e}  "
-                   f"{row['epoch_seconds']:.1f}s  {rate:.1f} img/s")
+                utils.write_metrics(out("metrics.csv"), progress["history"])
+                utils.plot_curves(progress["history"], out("curves.png"))
+            utils.print0(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}  "
+                         f"top-1 {row['val_top1']:.4f}  top-5 {row['val_top5']:.4f}  lr {row['lr']:.2e}  "
+                         f"{row['epoch_seconds']:.1f}s  {rate:.1f} img/s")
     except KeyboardInterrupt:
-        print0(f"\ninterrupted in epoch {done + 1}; {out('last.pth')} holds epoch {done}. Resume with:\n"
-               f"  {'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train.py --resume {out('last.pth')}",
-               file=sys.stderr)
-        return 130
+        return stopped(args, done, "interrupted")
     except utils.NonFiniteLossError as e:
-        print0(f"error: {e}; stopped. {out('last.pth')} still holds epoch {done}: lower --lr, add "
-               "--clip-grad 1, or use --amp off, then --resume", file=sys.stderr)
-        return 1
-    if is_main and best_confusion is not None:
-        utils.plot_confusion(best_confusion, classes, out("confusion_matrix.png"),
-                             f"best epoch, val top-1 {best:.4f}")
-        utils.write_per_class(out("per_class.csv"), best_confusion, classes)
-    print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
+        return stopped(args, done, f"error: {e}; stopped")
+    best, confusion = progress["best_top1"], progress["best_confusion"]
+    if is_main and confusion is not None:
+        utils.plot_confusion(confusion, classes, out("confusion_matrix.png"), f"best epoch, val top-1 {best:.4f}")
+        utils.write_per_class(out("per_class.csv"), confusion, classes)
+    utils.print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
     return 0
+
+
+def stopped(args, done, why):
+    """Tell how to go on after a run stopped in epoch done + 1; the exit code."""
+    last = os.path.join(args.output_dir, "last.pth")
+    world = utils.world_size()
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
+    if why == "interrupted":
+        utils.print0(f"\ninterrupted in epoch {done + 1}; {last} holds epoch {done}. Resume with:\n"
+                     f"  {launcher} train.py --resume {last}", file=sys.stderr)
+        return 130
+    utils.print0(f"{why}. {last} still holds epoch {done}: lower --lr, add --clip-grad 1, or use --amp off, "
+                 "then --resume", file=sys.stderr)
+    return 1
 
 
 def on_sigterm(signum, frame):
@@ -408,7 +401,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = main(args, parser)
-    except (utils.DataError, WeightsError) as e:
+    except (utils.UsageError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     finally:

@@ -1,13 +1,16 @@
-"""Data split, loaders, train/eval loops, checkpoints and plots shared by train.py and predict.py."""
+"""What train.py and predict.py share: the data split, transforms and loaders, the runtime
+(device, mixed precision, distributed processes, RNG state), the train and eval loops, and the
+files a run writes (metrics, plots). Checkpoints have their own module, checkpoint.py."""
 import contextlib
 import csv
 import ctypes
+import datetime
+import functools
 import json
 import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections import namedtuple
 
@@ -18,13 +21,18 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
+from checkpoint import atomic_write
 from my_dataset import MyDataSet
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VAL_FOLDERS = ("val", "valid", "validation")
 
 
-class DataError(ValueError):
+class UsageError(ValueError):
+    """A flag or path the user gave cannot be used (a run folder, a device); the message says what to change."""
+
+
+class DataError(UsageError):
     """The data folder cannot be used as given; the message says what to change."""
 
 
@@ -194,6 +202,17 @@ def build_transform(variant, img_size, train, scale=(0.08, 1.0), hflip=True, eva
                       T.CenterCrop(crop), *tail])
 
 
+def train_draft_size(img_size, min_scale):
+    """The side a large JPEG may be decoded at for training (see my_dataset.load_rgb): the smallest
+    crop RandomResizedCrop takes, min_scale of the area, still has img_size pixels across."""
+    return round(img_size / math.sqrt(min_scale))
+
+
+def eval_draft_size(resize):
+    """The same for evaluation: twice the resize, so the resize still antialiases as with a full decode."""
+    return 2 * resize
+
+
 def make_loader(dataset, batch_size, train, workers, device, sampler=None):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
@@ -201,6 +220,10 @@ def make_loader(dataset, batch_size, train, workers, device, sampler=None):
         # a last batch of one image would break BatchNorm in training
         drop_last=train and len(dataset) > batch_size, collate_fn=MyDataSet.collate_fn)
 
+
+# ---------------------------------------------------------------------------------------------
+# Runtime: device, mixed precision, distributed processes, RNG state
+# ---------------------------------------------------------------------------------------------
 
 def choose_device(name, local_rank=0):
     """--device: auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps; under torchrun the local rank's GPU."""
@@ -213,15 +236,33 @@ def choose_device(name, local_rank=0):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise DataError(f"--device {name} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
+        raise UsageError(f"--device {name} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DataError("--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu")
+            raise UsageError("--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu")
         if (device.index or 0) >= torch.cuda.device_count():
-            raise DataError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
         if local_rank and device.index is None:
             device = torch.device("cuda", local_rank)
     return device
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx():
+    """Intel AMX tiles make bf16 convolutions fast on a CPU; AVX512-BF16 alone measured slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def amp_dtype(mode, device):
+    """The autocast dtype for --amp MODE ("auto", "bf16", "fp16", "off") on `device`, or None for fp32."""
+    if mode == "auto":
+        fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_amx()
+        mode = "bf16" if fast_bf16 else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 
 def keep_freed_memory():
@@ -243,12 +284,36 @@ def default_workers():
     return min(os.cpu_count() or 1, 8)
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers: every function is a no-op in a single process
-# ---------------------------------------------------------------------------------------------
+def setup_distributed():
+    """(rank, world size, local rank), initialising the process group when run under torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+# the functions below are no-ops in a single process
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def print0(*args, **kwargs):
+    """print on the first process only."""
+    if rank() == 0:
+        print(*args, **kwargs)
 
 
 def broadcast_buffers(model):
@@ -261,6 +326,29 @@ def all_reduce_sum(tensor):
     if is_distributed():
         dist.all_reduce(tensor)
     return tensor
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...]: [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,15 +365,15 @@ def to_device(images, labels, device, channels_last):
             labels.to(device, non_blocking=True))
 
 
-def train_one_epoch(model, optimizer, loader, device, epoch, scheduler, scaler, ema=None, amp_dtype=None,
-                    grad_accum=1, clip_grad=0.0, label_smoothing=0.0, channels_last=False, show=True):
+def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, scheduler, scaler, ema=None,
+                    show=True):
     """One pass over `loader`; returns (mean loss over all ranks, images/s). The scheduler steps
-    once per optimizer step; `ema`, `amp_dtype` and `clip_grad` are off when None/0."""
+    once per optimizer step; from `args`: amp, grad_accum, clip_grad (0: off), channels_last."""
     model.train()
     for m in model.modules():  # frozen BatchNorm layers (--freeze-layers) keep their statistics too
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
             m.eval()
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    autocast, grad_accum = amp_dtype(args.amp, device), args.grad_accum
     loss_sum, seen = 0.0, 0  # plain floats: the loss is on the host already for the NaN check
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch} train", disable=None if show else True, leave=False, dynamic_ncols=True)
@@ -293,21 +381,21 @@ def train_one_epoch(model, optimizer, loader, device, epoch, scheduler, scaler, 
     for step, (images, labels) in enumerate(bar):
         if len(images) < 2:  # unreadable files left less than BatchNorm needs
             continue
-        images, labels = to_device(images, labels, device, channels_last)
+        images, labels = to_device(images, labels, device, args.channels_last)
         update = (step + 1) % grad_accum == 0 or step + 1 == len(loader)
         # DDP: only the last micro-batch of an accumulation step all-reduces gradients
         sync = model.no_sync() if hasattr(model, "no_sync") and not update else contextlib.nullcontext()
         with sync:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(model(images), labels)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss = criterion(model(images), labels)
             scaler.scale(loss / grad_accum).backward()
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"the loss became {loss_value} in epoch {epoch}, step {step}")
         if update:
-            if clip_grad:
+            if args.clip_grad:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -349,41 +437,8 @@ def evaluate(model, loader, device, num_classes, channels_last=False, show=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: atomic writes, metrics, plots
+# Files: metrics, per-class figures, plots; all written whole (checkpoint.atomic_write)
 # ---------------------------------------------------------------------------------------------
-
-def atomic_write(path, write):
-    """Write through a temporary file in the same folder, fsync, then rename over `path`: a crash
-    at any moment leaves either the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def remove_stale_temp_files(folder):
-    """Temporary files that a killed process left behind mid-write (the real files are intact)."""
-    for name in os.listdir(folder):
-        if name.startswith(".") and name.endswith(".tmp"):
-            os.remove(os.path.join(folder, name))
-
-
-def save_checkpoint(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
 
 def atomic_write_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))

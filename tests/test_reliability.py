@@ -13,7 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
-import utils
+import checkpoint
 from conftest import FAST, ROOT, copy_digits, run_script
 
 
@@ -205,14 +205,14 @@ def test_signal_saves_and_prints_resume_command(tiny_data, tmp_path, sig):
 
 def test_failed_save_leaves_previous_checkpoint(tmp_path):
     path = tmp_path / "best.pth"
-    utils.save_checkpoint({"v": torch.ones(3)}, path)
+    checkpoint.save({"v": torch.ones(3)}, path)
 
     def broken_write(f):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        utils.atomic_write(path, broken_write)
+        checkpoint.atomic_write(path, broken_write)
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
     assert os.listdir(tmp_path) == ["best.pth"]
 

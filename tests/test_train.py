@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import FAST, run_script
 
+import checkpoint
 import model as M
 
 
@@ -131,3 +132,42 @@ def test_ema_weights_are_saved_and_resume(tiny_data, tmp_path):
     run_script("train.py", "--resume", out / "last.pth", "--epochs", "2")
     resumed = torch.load(out / "last.pth", weights_only=True)
     assert resumed["epoch"] == 2 and resumed["ema"]["n_averaged"] == 2 * last["ema"]["n_averaged"]
+
+
+def as_format_1(src, dest):
+    """A checkpoint as train.py wrote it before checkpoints had a format version: no
+    meta["format"], and no flag that was added since (--lean-activations)."""
+    ckpt = torch.load(src, weights_only=True)
+    del ckpt["meta"]["format"]
+    del ckpt["meta"]["args"]["lean_activations"]
+    torch.save(ckpt, dest)
+
+
+def test_checkpoints_of_format_1_predict_and_resume(tiny_data, tmp_path):
+    """best.pth and last.pth written before the format field still predict exactly as before and
+    resume; the resumed run writes the current format with the new flags at their defaults. A
+    format newer than this code reads is refused by name."""
+    out, old = tmp_path / "run", tmp_path / "old"
+    run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--epochs", "1")
+    old.mkdir()
+    for name in ("best.pth", "last.pth"):
+        as_format_1(out / name, old / name)
+    assert "format" not in torch.load(old / "last.pth", weights_only=True)["meta"]
+    images = os.path.join(tiny_data, "1")
+    expected = run_script("predict.py", images, "--weights", out / "best.pth", "--topk", "3").stdout
+    assert run_script("predict.py", images, "--weights", old / "best.pth", "--topk", "3").stdout == expected
+
+    result = run_script("train.py", "--resume", old / "last.pth", "--epochs", "2")
+    assert "resuming" in result.stdout and "epoch 2/2" in result.stdout
+    last = torch.load(old / "last.pth", weights_only=True)
+    assert last["epoch"] == 2 and last["meta"]["format"] == checkpoint.FORMAT
+    assert last["meta"]["args"]["lean_activations"] is True and last["meta"]["args"]["img_size"] == 32
+    assert [int(r["epoch"]) for r in read_csv(old / "metrics.csv")] == [1, 2]  # from the history inside
+
+    # and a file from a newer version of the scripts is named as such, not misread
+    ckpt = torch.load(out / "best.pth", weights_only=True)
+    ckpt["meta"]["format"] = checkpoint.FORMAT + 1
+    torch.save(ckpt, tmp_path / "future.pth")
+    result = run_script("predict.py", tiny_data, "--weights", tmp_path / "future.pth", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "future.pth" in result.stderr and "newer version" in result.stderr
