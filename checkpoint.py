@@ -112,7 +112,10 @@ def atomic_write(path, write):
     at any moment leaves either the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    umask = os.umask(0o022)  # read it (there is no other way) and put it back at once
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would create it: mkstemp makes files only the owner reads
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -324,6 +324,10 @@ def read_weights(source, where="weights"):
     meta = read_meta(source, where)  # this repo's checkpoints describe themselves
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{where} holds no state_dict of tensors; expected an EfficientNet weights file")
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise WeightsError(f"{where} holds NaN or infinite values ({len(broken)} tensors, e.g. {broken[0]}): "
+                           "the training that wrote it diverged; use an earlier checkpoint")
     # DDP and torch.compile add prefixes to every key
     sd = OrderedDict((re.sub(r"^(module\.|_orig_mod\.)+", "", k), v) for k, v in sd.items())
     if "features.0.0.weight" in sd:

@@ -8,7 +8,8 @@ Every mode Pillow opens becomes RGB the way a person would see it: grey and 16-b
 scaled, not clipped; transparent pixels are put on white; EXIF rotation is applied. A file that
 fails to decode is reported by path and left out of its batch (see `collate_fn`), never a crash.
 """
-import warnings
+import contextlib
+import sys
 
 import numpy as np
 import torch
@@ -16,10 +17,28 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 
+# Longer side over shorter side. Evaluation resizes the shorter side to the model's size, so a
+# 20000x1 file (101 bytes as a PNG) would become a 5-gigapixel image; no photo is this thin.
+MAX_ASPECT = 50
+
+
+def shape_problem(width, height):
+    """Why an image of this size cannot be used, or None."""
+    if width == 0 or height == 0:
+        return "image has no pixels"
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return (f"{width}x{height} pixels: an aspect ratio over {MAX_ASPECT}:1 is not a picture this model can "
+                "use (crop it first)")
+    return None
+
+
 def load_rgb(path, draft_size=None):
     """Open `path` as an RGB image. `draft_size` lets a large JPEG decode at 1/2, 1/4 or 1/8 of
-    its size, never smaller than draft_size on either side, which is far faster than a full decode."""
+    its size, never smaller than draft_size on either side, which is far faster than a full decode.
+    Sizes that shape_problem refuses raise ValueError before any pixel is decoded."""
     with Image.open(path) as img:
+        if problem := shape_problem(*img.size):
+            raise ValueError(problem)
         if draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img = ImageOps.exif_transpose(img)  # also loads the pixels
@@ -48,6 +67,23 @@ def to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+@contextlib.contextmanager
+def seeded(seed):
+    """torch's CPU RNG seeded with `seed` inside the block (nothing changes for None), and put back
+    as it was after it, so the caller's random stream goes on undisturbed. (torch.random.fork_rng
+    does the same for every device, 60x slower: it would cost more than decoding a small image.)"""
+    if seed is None:
+        yield
+        return
+    rng = torch.default_generator
+    state = rng.get_state()
+    rng.manual_seed(seed)
+    try:
+        yield
+    finally:
+        rng.set_state(state)
+
+
 class MyDataSet(Dataset):
     def __init__(self, images_path, images_class, transform=None, draft_size=None):
         self.images_path = list(images_path)
@@ -59,15 +95,20 @@ class MyDataSet(Dataset):
         return len(self.images_path)
 
     def __getitem__(self, item):
-        path = self.images_path[item]
+        """(image, label), or None for a file that cannot be decoded. `item` is an index, or
+        (index, seed) from utils.EpochSampler: the random transform then draws from that seed
+        alone, so the augmentation of an image does not depend on which worker loads it."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        path = self.images_path[index]
         try:
             img = load_rgb(path, self.draft_size)
         except Exception as e:  # truncated or corrupt data that the start-up scan could not see
-            warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
+            print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
             return None
         if self.transform is not None:
-            img = self.transform(img)
-        return img, self.images_class[item]
+            with seeded(seed):
+                img = self.transform(img)
+        return img, self.images_class[index]
 
     @staticmethod
     def collate_fn(batch):

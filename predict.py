@@ -49,20 +49,35 @@ def get_args_parser():
 
 
 def expand_paths(patterns):
-    """(image paths, [(pattern, error)]): folders are searched recursively, globs expanded; sorted."""
-    found, missing = [], []
+    """(image paths, [(path or pattern, error)]): folders are searched recursively, globs expanded;
+    sorted. Only regular files (or links to them) are ever opened: a FIFO would block forever."""
+    found, problems = [], []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            matches = utils.list_images(pattern)
+            matches = utils.list_images(pattern, problems)
         elif os.path.isfile(pattern):
             matches = [pattern]
+        elif os.path.exists(pattern):
+            matches, problems = [], problems + [(pattern, "not a regular file (a FIFO, socket or device); not opened")]
+            continue
         else:
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if matches:
             found += matches
         else:
-            missing.append((pattern, "no such file" if not glob.has_magic(pattern) else "no file matches"))
-    return list(dict.fromkeys(found)), missing
+            problems.append((pattern, "no such file" if not glob.has_magic(pattern) else "no file matches"))
+    return list(dict.fromkeys(found)), problems
+
+
+def check_output_file(path, flag):
+    """Fail before predicting anything when --csv or --plot cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise utils.UsageError(f"{flag} {path} is a folder: give a file name, e.g. {os.path.join(path, 'out')}")
+    if not os.path.isdir(folder):
+        raise utils.UsageError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another")
+    if not os.access(folder, os.W_OK):
+        raise utils.UsageError(f"{flag} {path}: the folder {folder} is not writable; choose another")
 
 
 def class_names(info, weights_path, class_indices, num_classes):
@@ -158,11 +173,15 @@ def plot_predictions(results, path, limit=64):
         img.thumbnail((256, 256))
         ax.imshow(img)
         top = r["topk"][0]
-        ax.set_title(f"{top['class'][:18]} ({top['prob']:.2f})\n{os.path.basename(r['path'])[:22]}", fontsize=8)
+        ax.set_title(f"{utils.printable(top['class'])[:18]} ({top['prob']:.2f})\n"
+                     f"{utils.printable(os.path.basename(r['path']))[:22]}", fontsize=8)
     utils.save_figure(fig, path)
 
 
 def main(args):
+    for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, flag)
     device = utils.choose_device(args.device)
     if device.type == "cpu":
         utils.keep_freed_memory()
@@ -171,7 +190,7 @@ def main(args):
     topk = min(args.topk, len(names))
     paths, missing = expand_paths(args.paths)
     dataset = ImagePaths(paths, transform, draft_size=utils.eval_draft_size(resize))
-    workers = args.workers if len(paths) > args.batch_size else 0
+    workers = utils.usable_workers(args.workers) if len(paths) > args.batch_size else 0
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
                         collate_fn=ImagePaths.collate, pin_memory=device.type == "cuda")
 
@@ -197,7 +216,12 @@ def main(args):
 
 def show(result, args):
     if args.json:
-        print(json.dumps(result, ensure_ascii=False), flush=True)
+        line = json.dumps(result, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not UTF-8: \u escapes keep it valid JSON
+            line = json.dumps(result)
+        print(line, flush=True)
     elif "error" in result:
         print(f"{result['path']}: error: {result['error']}", file=sys.stderr)
     elif len(result["topk"]) == 1:
@@ -224,6 +248,10 @@ if __name__ == "__main__":
     args = get_args_parser().parse_args()
     if args.topk < 1 or args.batch_size < 1:
         get_args_parser().error("--topk and --batch-size must be at least 1")
+    if args.workers < 0:
+        get_args_parser().error(f"--workers must be 0 or more (got {args.workers})")
+    utils.speak_any_file_name()
+    utils.quiet_warnings()
     try:
         sys.exit(main(args))
     except (utils.UsageError, WeightsError) as e:

@@ -8,27 +8,35 @@
 Each run writes to its own folder (default weights/<model>-<dataset>, then -2, -3, ...): best.pth,
 last.pth, metrics.csv, curves.png, confusion_matrix.png, per_class.csv, class_indices.json.
 """
-import argparse
-import math
-import os
-import random
 import signal
 import sys
-import time
-from collections import namedtuple
 
-import torch
-import torch.distributed as dist
-from torch.optim.swa_utils import AveragedModel
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: stop quietly, nothing is written yet
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: sys.exit(130))
 
-import checkpoint
-import utils
-from checkpoint import WeightsError
-from model import VARIANTS, create_model
-from my_dataset import MyDataSet
+import argparse  # noqa: E402
+import fcntl  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from collections import namedtuple  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.optim.swa_utils import AveragedModel  # noqa: E402
+
+import checkpoint  # noqa: E402
+import utils  # noqa: E402
+from checkpoint import WeightsError  # noqa: E402
+from model import VARIANTS, create_model  # noqa: E402
+from my_dataset import MyDataSet  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESUMABLE = ("epochs", "device", "workers", "data_path", "resume")  # flags a resumed run may change
+# flags a resumed run may change; the others come from the run itself
+RESUMABLE = ("epochs", "device", "workers", "data_path", "resume", "lr", "clip_grad", "amp")
 
 
 def get_args_parser():
@@ -104,32 +112,61 @@ def check_args(p, args):
         value = getattr(args, flag)
         if value is not None and (value < 0 or not math.isfinite(value)):
             p.error(f"--{flag.replace('_', '-')} must be a finite number >= 0 (got {value})")
+    if args.lr is not None and args.lr == 0:
+        p.error("--lr must be more than 0 (got 0): nothing would be learned")
+    if args.lrf > 1:
+        p.error(f"--lrf is the final learning rate as a fraction of --lr: between 0 and 1 (got {args.lrf})")
+    if args.label_smoothing >= 1:
+        p.error(f"--label-smoothing must be below 1 (got {args.label_smoothing}); 0.1 is usual")
     if not 0 < args.ema_decay < 1:
         p.error(f"--ema-decay must be between 0 and 1 (got {args.ema_decay})")
+    if not 0 <= args.seed < 2**32:
+        p.error(f"--seed must be between 0 and 2**32 - 1 (got {args.seed})")
+    if args.eval_only and args.weights is None and args.resume is None:
+        p.error("--eval-only needs the weights to evaluate: --weights FILE (e.g. a best.pth) or --resume FILE")
+    if args.batch_size == 1 and args.img_size == 32:
+        # at 32 px the last feature maps are 1x1: one image gives BatchNorm one value per channel
+        p.error("--batch-size 1 cannot train at --img-size 32 (BatchNorm needs more than one value per "
+                "channel): use --batch-size 2 or more, or --img-size 33 or more")
 
 
-def default_run_dir(args):
-    base = os.path.join("weights", f"{args.model}-{os.path.basename(os.path.normpath(args.data_path))}")
-    run_dir, n = base, 1
-    while os.path.exists(run_dir):  # an earlier run is never overwritten
-        n += 1
-        run_dir = f"{base}-{n}"
-    return run_dir
-
-
-def prepare_run_dir(args):
+def make_run_dir(args):
+    """Create the run folder, atomically: two runs started at once never share one. The default is
+    weights/<model>-<dataset>, then -2, -3, ...; an earlier run is never overwritten. Returns True
+    when this call created the folder."""
     if args.output_dir is None:
-        args.output_dir = default_run_dir(args)
-    elif os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.exist_ok:
-        raise utils.UsageError(f"--output-dir {args.output_dir} already holds files: pass --resume to continue "
-                              "that run, --exist-ok to write into it anyway, or choose another folder")
+        base = os.path.join("weights", f"{args.model}-{os.path.basename(os.path.normpath(args.data_path))}")
+        os.makedirs("weights", exist_ok=True)
+        for n in range(1, 1_000_000):
+            args.output_dir = base if n == 1 else f"{base}-{n}"
+            try:
+                os.mkdir(args.output_dir)
+                return True
+            except FileExistsError:
+                continue
     try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        utils.atomic_write_text(os.path.join(args.output_dir, ".write-test"), "ok")
-        os.remove(os.path.join(args.output_dir, ".write-test"))
-    except OSError as e:
-        raise utils.UsageError(f"cannot write to the run folder {args.output_dir} ({e.strerror}): "
-                              "choose another with --output-dir or free some space") from None
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_dir)), exist_ok=True)
+        os.mkdir(args.output_dir)
+        return True
+    except FileExistsError:
+        if not os.path.isdir(args.output_dir):
+            raise  # a file in the way, here or above: start_outputs says it cannot write there
+        if args.exist_ok or not os.listdir(args.output_dir):
+            return False
+        raise utils.UsageError(f"--output-dir {args.output_dir} already holds files: pass --resume to continue "
+                               "that run, --exist-ok to write into it anyway, or choose another folder") from None
+
+
+def lock_run_dir(folder):
+    """Hold an exclusive lock on the run folder for as long as this process lives (the kernel drops
+    it when the process ends, however it ends), so two processes never write one run."""
+    try:
+        fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise utils.UsageError(f"another train.py is writing to {folder} right now; wait for it to end "
+                               "(or stop it), or choose another --output-dir") from None
+    # the descriptor stays open until the process ends: closing it would release the lock
 
 
 def resume_args(args, parser):
@@ -142,6 +179,10 @@ def resume_args(args, parser):
     restored = argparse.Namespace(**{**defaults, **ckpt["meta"]["args"], **given})
     restored.output_dir = os.path.dirname(os.path.abspath(path))
     restored.resume, restored.eval_only = path, args.eval_only
+    changed = [f"--{k.replace('_', '-')} {v} (was {ckpt['meta']['args'].get(k)})" for k, v in given.items()
+               if k in ("lr", "clip_grad", "amp") and v != ckpt["meta"]["args"].get(k)]
+    if changed:
+        utils.print0(f"resuming with {', '.join(changed)}")
     return restored, ckpt
 
 
@@ -163,10 +204,10 @@ def build_data(args, device):
                         transform=utils.build_transform(variant, args.img_size, train=False))
     # every validation image is evaluated exactly once across ranks: no padding, no duplicates
     val_part = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
-    train_sampler = (torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
-                     if world > 1 else None)
-    return Data(split, utils.make_loader(train_set, args.batch_size, True, args.workers, device, train_sampler),
-                utils.make_loader(val_part, args.batch_size, False, args.workers, device), train_sampler)
+    train_sampler = utils.EpochSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    workers = utils.usable_workers(args.workers)
+    return Data(split, utils.make_loader(train_set, args.batch_size, True, workers, device, train_sampler),
+                utils.make_loader(val_part, args.batch_size, False, workers, device), train_sampler)
 
 
 # train: what the loop calls (DDP and/or compiled); raw: the plain model, saved in last.pth;
@@ -253,7 +294,12 @@ def build_optimization(args, models, batches_per_epoch, device, ckpt):
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if args.lr != ckpt["meta"]["args"]["lr"]:  # --lr given with --resume: the schedule goes on from it
+            scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+            for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"], group["lr"] = args.lr, args.lr * factor(scheduler.last_epoch)
+        if scaler.is_enabled() and ckpt["scaler"]:  # the run may have used another --amp
+            scaler.load_state_dict(ckpt["scaler"])
         if models.ema is not None and ckpt.get("ema"):
             models.ema.load_state_dict(ckpt["ema"])
         rngs = ckpt["rng"]
@@ -275,15 +321,28 @@ def evaluate_only(args, models, data, device):
     return 0
 
 
-def start_outputs(args, resumed, split):
-    """The run folder (a new one, or the resumed run's, cleaned of writes a kill cut short) with
-    what is known before training: class names and the class distribution."""
-    if resumed:
+def start_outputs(args, ckpt, split, save_first):
+    """The run folder, locked for this process: a new one, or the resumed run's (cleaned of writes a
+    kill cut short), with what is known before training. A new folder gets its first last.pth
+    (epoch 0) at once, so that a run stopped in its first epoch can be resumed; stopped before
+    that, the folder is removed again."""
+    made = False
+    try:
+        if ckpt is None:
+            made = make_run_dir(args)
+        lock_run_dir(args.output_dir)
         checkpoint.remove_stale_temp_files(args.output_dir)
-    else:
-        prepare_run_dir(args)
-    utils.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), split.classes)
-    utils.plot_class_distribution(split, os.path.join(args.output_dir, "class_distribution.png"))
+        utils.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), split.classes)
+        utils.plot_class_distribution(split, os.path.join(args.output_dir, "class_distribution.png"))
+        if ckpt is None:
+            save_first()
+    except BaseException as e:
+        if made and not os.path.exists(os.path.join(args.output_dir, "last.pth")):
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        if isinstance(e, OSError):  # not a folder, read-only, a full disk
+            raise utils.UsageError(f"cannot write to the run folder {args.output_dir} ({e.strerror}): choose "
+                                   "another with --output-dir or free some space") from None
+        raise
 
 
 def main(args, parser):
@@ -306,18 +365,28 @@ def main(args, parser):
     models = build_model(args, len(classes), ckpt, device)
     if args.eval_only:
         return evaluate_only(args, models, data, device)
-    if rank == 0:
-        start_outputs(args, ckpt is not None, data.split)
-
     optimization, progress = build_optimization(args, models, len(data.train_loader), device, ckpt)
+    meta = checkpoint.make_meta(args, classes, VARIANTS[args.model], models.raw.bn_eps)
+    save = lambda: save_last(args, models, meta, progress, optimization)  # noqa: E731
+    if rank == 0:
+        start_outputs(args, ckpt, data.split, save)
+    elif ckpt is None:
+        save()  # its part of the first last.pth: this process's RNG state
     amp = utils.amp_dtype(args.amp, device)
     utils.print0(f"EfficientNet-{args.model.upper()} at {args.img_size}px, {len(classes)} classes, "
                  f"{len(data.split.train_images)} train / {len(data.split.val_images)} val images, device {device}"
                  f"{f' x {world} processes' if world > 1 else ''}, global batch {args.batch_size * world * args.grad_accum}, "
                  f"{args.optimizer} lr {args.lr:g}, amp {amp and str(amp).split('.')[-1] or 'off'}")
     utils.print0(f"writing to {args.output_dir}")
-    meta = checkpoint.make_meta(args, classes, VARIANTS[args.model], models.raw.bn_eps)
     return fit(args, models, data, optimization, progress, meta, device)
+
+
+def save_last(args, models, meta, progress, optimization):
+    """last.pth with every process's RNG state, so that each resumes its own streams."""
+    rngs = utils.gather_objects(utils.rng_state())
+    if utils.rank() == 0:
+        checkpoint.save_last(os.path.join(args.output_dir, "last.pth"), models.raw, meta, progress, *optimization,
+                             models.ema, rngs)
 
 
 def fit(args, models, data, optimization, progress, meta, device):
@@ -326,26 +395,19 @@ def fit(args, models, data, optimization, progress, meta, device):
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     is_main, classes = utils.rank() == 0, data.split.classes
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
-
-    def save_last():
-        rngs = utils.gather_objects(utils.rng_state())  # every process's, so each resumes its own
-        if is_main:
-            checkpoint.save_last(out("last.pth"), models.raw, meta, progress, optimizer, scheduler, scaler,
-                                 models.ema, rngs)
-
-    if progress["epoch"] == 0:
-        save_last()  # even a run stopped in its first epoch can be resumed
     done = progress["epoch"]  # the last epoch whose state last.pth holds
     try:
         for epoch in range(progress["epoch"] + 1, args.epochs + 1):
-            if data.train_sampler is not None:
-                data.train_sampler.set_epoch(epoch)
+            data.train_sampler.set_epoch(epoch)
             start = time.perf_counter()
             train_loss, rate = utils.train_one_epoch(models.train, criterion, optimizer, data.train_loader, device,
                                                      epoch, args, scheduler, scaler, models.ema, is_main)
             # BatchNorm statistics drift apart on each rank: evaluate (and save) rank 0's everywhere
             utils.broadcast_buffers(models.eval)
+            utils.check_finite(models.raw, epoch)
             result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last, is_main)
+            if not math.isfinite(result["val_loss"]):
+                raise utils.NonFiniteLossError(f"the validation loss became {result['val_loss']} in epoch {epoch}")
             row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                    **{k: result[k] for k in ("val_loss", "val_top1", "val_top5")},
                    "epoch_seconds": time.perf_counter() - start, "images_per_second": rate}
@@ -356,7 +418,7 @@ def fit(args, models, data, optimization, progress, meta, device):
                     plain = models.raw if models.ema is None else models.ema.module
                     checkpoint.save_best(out("best.pth"), plain, meta, epoch, result["val_top1"])
             progress["epoch"] = epoch
-            save_last()
+            save_last(args, models, meta, progress, optimization)
             done = epoch
             if is_main:
                 utils.write_metrics(out("metrics.csv"), progress["history"])
@@ -364,46 +426,61 @@ def fit(args, models, data, optimization, progress, meta, device):
             utils.print0(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}  "
                          f"top-1 {row['val_top1']:.4f}  top-5 {row['val_top5']:.4f}  lr {row['lr']:.2e}  "
                          f"{row['epoch_seconds']:.1f}s  {rate:.1f} img/s")
+        best, confusion = progress["best_top1"], progress["best_confusion"]
+        if is_main and confusion is not None:
+            utils.plot_confusion(confusion, classes, out("confusion_matrix.png"), f"best epoch, val top-1 {best:.4f}")
+            utils.write_per_class(out("per_class.csv"), confusion, classes)
     except KeyboardInterrupt:
         return stopped(args, done, "interrupted")
     except utils.NonFiniteLossError as e:
         return stopped(args, done, f"error: {e}; stopped")
-    best, confusion = progress["best_top1"], progress["best_confusion"]
-    if is_main and confusion is not None:
-        utils.plot_confusion(confusion, classes, out("confusion_matrix.png"), f"best epoch, val top-1 {best:.4f}")
-        utils.write_per_class(out("per_class.csv"), confusion, classes)
+    except OSError as e:  # a full disk, a folder that went away: the files written before are whole
+        return stopped(args, done, f"error: cannot write {e.filename or 'to ' + args.output_dir} ({e.strerror})")
     utils.print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
     return 0
 
 
 def stopped(args, done, why):
-    """Tell how to go on after a run stopped in epoch done + 1; the exit code."""
+    """Tell how to go on after a run stopped after epoch `done`; the exit code."""
     last = os.path.join(args.output_dir, "last.pth")
     world = utils.world_size()
-    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
+    resume = f"{'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train.py --resume {last}"
     if why == "interrupted":
-        utils.print0(f"\ninterrupted in epoch {done + 1}; {last} holds epoch {done}. Resume with:\n"
-                     f"  {launcher} train.py --resume {last}", file=sys.stderr)
+        if done >= args.epochs:  # while the last plots were drawn
+            utils.print0(f"\ninterrupted after the last epoch; {last} holds epoch {done}: the run is complete",
+                         file=sys.stderr)
+        else:
+            utils.print0(f"\ninterrupted in epoch {done + 1}; {last} holds epoch {done}. Resume with:\n  {resume}",
+                         file=sys.stderr)
         return 130
-    utils.print0(f"{why}. {last} still holds epoch {done}: lower --lr, add --clip-grad 1, or use --amp off, "
-                 "then --resume", file=sys.stderr)
+    if why.startswith("error: cannot write"):
+        advice = f"free some space, then resume with: {resume}"
+    else:
+        advice = f"resume with a lower --lr, --clip-grad 1 or --amp off (all taken on --resume): {resume} --lr ..."
+    utils.print0(f"{why}. {last} holds epoch {done}; {advice}", file=sys.stderr)
     return 1
 
 
-def on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # handled like Ctrl-C: last.pth stays, the resume command is printed
+def on_signal(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: last.pth stays, the resume command is printed
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    utils.speak_any_file_name()
+    utils.quiet_warnings()
     parser = get_args_parser()
     args = parser.parse_args()
     check_args(parser, args)
-    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = main(args, parser)
     except (utils.UsageError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:  # before the first epoch: nothing to resume yet, and no run folder left
+        print("\ninterrupted before training started", file=sys.stderr)
+        code = 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

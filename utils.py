@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections import namedtuple
 
 import torch
@@ -22,7 +23,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from checkpoint import atomic_write
-from my_dataset import MyDataSet
+from my_dataset import MyDataSet, shape_problem
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VAL_FOLDERS = ("val", "valid", "validation")
@@ -40,14 +41,42 @@ class DataError(UsageError):
 # Finding and splitting the images
 # ---------------------------------------------------------------------------------------------
 
-def list_images(folder):
-    """Image files under `folder` (recursively), sorted; hidden files and other types are ignored."""
-    found = []
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(parent, f) for f in sorted(files)
-                  if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+def list_images(folder, rejected=None, skip=()):
+    """Image files under `folder`, recursively and following links, in a stable order (a folder's
+    files by name, then its sub-folders by name); hidden files and other types are ignored.
+
+    Each real directory is visited once, so a link back into the tree (`self -> .`, `up -> ..`)
+    cannot repeat or loop; directories whose (device, inode) is in `skip` (the data root and the
+    other class folders) are not entered. Anything named like an image that is not a regular
+    file (a FIFO, a socket, a broken link) is never opened: it goes to `rejected` as (path, why).
+    """
+    found, seen = [], set(skip)
+
+    def walk(path):
+        info = os.stat(path)
+        if (info.st_dev, info.st_ino) in seen:
+            return
+        seen.add((info.st_dev, info.st_ino))
+        with os.scandir(path) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        for e in entries:
+            if e.name.lower().endswith(IMG_EXTENSIONS) and not e.is_dir():
+                if e.is_file():
+                    found.append(e.path)
+                elif rejected is not None:
+                    rejected.append((e.path, "not a regular file (a FIFO, socket, device or broken link); "
+                                             "not opened"))
+        for e in entries:
+            if e.is_dir():
+                walk(e.path)
+
+    walk(folder)
     return found
+
+
+def real_dir_key(path):
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
 
 
 def check_image(path):
@@ -59,8 +88,8 @@ def check_image(path):
             w, h = img.size
             if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
                 return f"{w}x{h} pixels is over Pillow's decompression-bomb limit"
-            if w == 0 or h == 0:
-                return "image has no pixels"
+            if problem := shape_problem(w, h):
+                return problem
     except Image.DecompressionBombError:
         return "over Pillow's decompression-bomb limit"
     except UnidentifiedImageError:
@@ -88,24 +117,41 @@ def find_val_folder(root):
 
 
 def scan_classes(root):
-    """{class name: [usable image paths]} for the class folders under `root`, plus the broken files."""
+    """{class name: [usable image paths]} for the class folders under `root`, plus the broken files.
+
+    A class holds what its folder holds, links followed, but never the data root or another class
+    folder reached through a link; a real file reached twice (two links, or a link and the file
+    itself) counts once, for the first class and path that reach it, and the others are named."""
     if not os.path.exists(root):
         raise DataError(f"data path {root} does not exist: pass --data-path pointing at a folder "
                         "with one sub-folder of images per class")
     if not os.path.isdir(root):
         raise DataError(f"data path {root} is a file, not a folder: pass the folder that holds one "
                         "sub-folder of images per class")
-    images, broken = {}, []
-    for name in class_folders(root):
-        for path in list_images(os.path.join(root, name)):
+    names = class_folders(root)
+    class_dirs = {real_dir_key(os.path.join(root, name)) for name in names}
+    ancestors, parent = set(), os.path.realpath(root)
+    while True:  # the root and every folder above it: a link up there would take in everything
+        ancestors.add(real_dir_key(parent))
+        if os.path.dirname(parent) == parent:
+            break
+        parent = os.path.dirname(parent)
+    images, broken, first_path = {}, [], {}
+    for name in names:
+        folder = os.path.join(root, name)
+        for path in list_images(folder, broken, skip=ancestors | (class_dirs - {real_dir_key(folder)})):
+            real = os.path.realpath(path)
+            if real in first_path:
+                broken.append((path, f"the same file as {first_path[real]}; counted once"))
+                continue
+            first_path[real] = path
             reason = check_image(path)
             if reason:
                 broken.append((path, reason))
             else:
                 images.setdefault(name, []).append(path)
         if name not in images:
-            print(f"warning: class folder {os.path.join(root, name)} has no usable images; skipped",
-                  file=sys.stderr)
+            print(f"warning: class folder {folder} has no usable images; skipped", file=sys.stderr)
     return images, broken
 
 
@@ -140,8 +186,9 @@ def read_split_data(root, val_rate=0.2, seed=0):
         split = {}
         for c in classes:
             files = list(images[c])
-            # seeded per class by name: adding a class does not reshuffle the others
-            random.Random(f"{seed}/{c}").shuffle(files)
+            # seeded per class by name: adding a class does not reshuffle the others. The name's
+            # bytes as on disk, so that names that are not UTF-8 work too (the same seed for those that are)
+            random.Random(f"{seed}/{c}".encode("utf-8", "surrogateescape")).shuffle(files)
             n_val = min(len(files) - 1, max(1, round(len(files) * val_rate)))
             split[c] = (sorted(files[n_val:]), sorted(files[:n_val]))
     report_broken(broken)
@@ -213,12 +260,26 @@ def eval_draft_size(resize):
     return 2 * resize
 
 
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """This process's share of a shuffled epoch (all of it in a single process), each index paired
+    with the seed of its augmentation (see MyDataSet). Order and seeds are a function of --seed,
+    the epoch and the index alone, never of what ran before, so a resumed run, or one with other
+    --workers, draws the same crops and flips as an uninterrupted one."""
+
+    def __iter__(self):
+        for index in super().__iter__():
+            yield index, ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63
+
+
 def make_loader(dataset, batch_size, train, workers, device, sampler=None):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
         num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-        # a last batch of one image would break BatchNorm in training
-        drop_last=train and len(dataset) > batch_size, collate_fn=MyDataSet.collate_fn)
+        # an incomplete last batch is left out of training: BatchNorm statistics of a few images are
+        # noisy; the shuffle puts other images there in the next epoch
+        drop_last=train and len(dataset) > batch_size, collate_fn=MyDataSet.collate_fn,
+        # worker seeds from a generator of the loader's own: the global RNG (dropout) stays untouched
+        generator=torch.Generator().manual_seed(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +297,10 @@ def choose_device(name, local_rank=0):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name} is not a device to train or predict on: use auto, cpu, cuda, "
+                         "cuda:1 or mps")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu")
@@ -356,7 +420,15 @@ def set_rng_state(state):
 # ---------------------------------------------------------------------------------------------
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss or the weights became NaN or infinite: the run diverged."""
+
+
+def check_finite(model, epoch):
+    """NonFiniteLossError when a parameter or BatchNorm statistic is NaN or infinite."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteLossError(f"the weights became NaN or infinite in epoch {epoch} ({len(bad)} tensors, "
+                                 f"e.g. {bad[0]})")
 
 
 def to_device(images, labels, device, channels_last):
@@ -378,8 +450,9 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch} train", disable=None if show else True, leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
+    smallest = 1 if args.img_size > 32 else 2  # at 32 px BatchNorm's 1x1 maps need two images (check_args)
     for step, (images, labels) in enumerate(bar):
-        if len(images) < 2:  # unreadable files left less than BatchNorm needs
+        if len(images) < smallest:  # unreadable files left less than BatchNorm needs
             continue
         images, labels = to_device(images, labels, device, args.channels_last)
         update = (step + 1) % grad_accum == 0 or step + 1 == len(loader)
@@ -441,7 +514,43 @@ def evaluate(model, loader, device, num_classes, channels_last=False, show=True)
 # ---------------------------------------------------------------------------------------------
 
 def atomic_write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    """UTF-8; file names that are not UTF-8 keep their bytes as on disk (surrogateescape)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
+
+
+def quiet_warnings():
+    """Warnings as this repo's one-line messages, never with a line of library code under them.
+    Pillow's decompression-bomb warning becomes an error, so the image is named and left out like
+    any unreadable one; Pillow's notes on conversions that load_rgb makes anyway, and PyTorch's on
+    a scheduler step that a skipped fp16 step causes, are dropped. Called by the scripts at start."""
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    for message in ("Palette images with Transparency", "(Possibly )?[Cc]orrupt EXIF", "Truncated File Read",
+                    "Image appears to be a malformed MPO", "Metadata Warning",
+                    r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`",
+                    "This DataLoader will create"):  # --workers is capped at the CPU count instead
+        warnings.filterwarnings("ignore", message=message)
+    warnings.showwarning = lambda message, category, *rest: print(f"warning: {message}", file=sys.stderr)
+
+
+def usable_workers(requested):
+    """--workers, but no more than the CPUs this process may use (more only slows loading down)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested > cpus:
+        print0(f"note: --workers {requested} is more than the {cpus} CPUs here; using {cpus}", file=sys.stderr)
+    return min(requested, cpus)
+
+
+def printable(name):
+    """A file or class name as text a plot can draw: bytes that are not UTF-8 as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def speak_any_file_name():
+    """Let print() show any file name: one that is not UTF-8 is printed with backslash escapes
+    instead of raising UnicodeEncodeError. Called by the scripts at start."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "epoch_seconds",
@@ -530,8 +639,8 @@ def plot_confusion(confusion, classes, path, title="confusion matrix"):
     im = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
-    ax.set_xticklabels(classes, rotation=90 if n > 6 else 0)
-    ax.set_yticklabels(classes)
+    ax.set_xticklabels([printable(c) for c in classes], rotation=90 if n > 6 else 0)
+    ax.set_yticklabels([printable(c) for c in classes])
     if n <= 30:  # counts stay legible up to about 30 classes
         for i in range(n):
             for j in range(n):
@@ -550,7 +659,7 @@ def plot_class_distribution(split, path):
     ax.bar(range(n), train, label=f"train ({sum(train)})")
     ax.bar(range(n), val, bottom=train, label=f"validation ({sum(val)})")
     ax.set_xticks(range(n))
-    ax.set_xticklabels(split.classes, rotation=90 if n > 8 else 0)
+    ax.set_xticklabels([printable(c) for c in split.classes], rotation=90 if n > 8 else 0)
     ax.set(ylabel="images", title="images per class")
     ax.legend()
     save_figure(fig, path)

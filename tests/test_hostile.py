@@ -1,0 +1,374 @@
+"""Hostile folders, bad flags and unlucky signals: data that must not be silently wrong, failed
+runs that must not look like successes, and starts and stops that leave nothing broken behind."""
+import argparse
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import train as train_script
+import utils
+from conftest import FAST, ROOT, copy_digits, run_script
+from test_data import write_bomb_png, write_truncated_jpeg
+from test_reliability import assert_user_error, start, train, wait_for_epoch
+
+
+def png(path, size=(8, 8), value=128):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("L", size, value).save(path)
+    return str(path)
+
+
+def make_class(folder, n, value=0):
+    return [png(os.path.join(folder, f"{i}.png"), value=value + 10 * i) for i in range(n)]
+
+
+# ---- data can be silently wrong ---------------------------------------------------------------
+
+def test_symlink_loops_and_shared_files_count_each_real_file_once(tmp_path, capsys):
+    """Links back up the tree (self -> ., up -> .., top -> ../..), a class folder linked from
+    outside, a link to another class's folder and a link to another class's file: every real file
+    is counted once, in one class, in train or val but never both; each dropped path is named."""
+    root = tmp_path / "data"
+    make_class(root / "a", 6)
+    make_class(root / "b", 6, value=5)
+    make_class(tmp_path / "elsewhere", 6, value=7)
+    os.symlink(".", root / "a" / "self")
+    os.symlink("..", root / "a" / "up")
+    os.symlink("../..", root / "b" / "top")
+    os.symlink("../a", root / "b" / "to_a")
+    os.symlink(tmp_path / "elsewhere", root / "c")  # users link class folders in: that is a class
+    os.symlink("../a/0.png", root / "b" / "zz_link.png")
+    split = utils.read_split_data(str(root), 0.5, seed=0)
+    assert split.classes == ["a", "b", "c"]
+    images = split.train_images + split.val_images
+    assert len(images) == 18 and len({os.path.realpath(p) for p in images}) == 18
+    assert not {os.path.realpath(p) for p in split.train_images} & {os.path.realpath(p) for p in split.val_images}
+    labels = dict(zip(images, split.train_labels + split.val_labels))
+    assert all(labels[p] == 0 for p in images if os.path.realpath(p).startswith(str(root / "a")))
+    assert [p for p, _ in split.broken] == [str(root / "b" / "zz_link.png")]
+    assert "the same file as" in capsys.readouterr().err
+
+
+def test_fifo_named_like_an_image_is_never_opened(tmp_path):
+    """A FIFO called photo.jpg beside a good image: training's scan names it and goes on, predict.py
+    predicts the good image and names the FIFO (in a folder and on the command line); nothing hangs."""
+    data = tmp_path / "data"
+    make_class(data / "a", 3)
+    make_class(data / "b", 3, value=9)
+    os.mkfifo(data / "a" / "photo.jpg")
+    split = utils.read_split_data(str(data), 0.3, seed=0)
+    assert len(split.train_images + split.val_images) == 6
+    assert split.broken[0][0] == str(data / "a" / "photo.jpg") and "not a regular file" in split.broken[0][1]
+
+    weights = tmp_path / "w.pth"
+    torch.save(train_script.create_model("b0", 2).state_dict(), weights)
+    for target in (data / "a", data / "a" / "photo.jpg"):
+        result = run_script("predict.py", target, "--weights", weights, "--workers", "0", check=False, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "photo.jpg: error: not a regular file" in result.stderr
+        assert ("0.png:" in result.stdout) == (target == data / "a")
+
+
+def test_extreme_aspect_ratio_is_refused_before_decoding(tmp_path):
+    """A 101-byte 20000x1 PNG would become a 5-gigapixel image in evaluation's resize: the scan and
+    predict.py name it, quickly, without decoding it."""
+    thin = png(tmp_path / "data" / "a" / "thin.png", size=(20000, 1))
+    assert os.path.getsize(thin) < 200
+    make_class(tmp_path / "data" / "a", 2)
+    make_class(tmp_path / "data" / "b", 2)
+    assert "aspect ratio" in utils.check_image(thin)
+    weights = tmp_path / "w.pth"
+    torch.save(train_script.create_model("b0", 2).state_dict(), weights)
+    started = time.time()
+    result = run_script("predict.py", thin, "--weights", weights, check=False, timeout=120)
+    assert result.returncode == 1 and "aspect ratio over 50:1" in result.stderr
+    assert time.time() - started < 60
+    assert utils.check_image(png(tmp_path / "panorama.png", size=(1200, 100))) is None  # 12:1 is fine
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    """A class folder and a file whose names are not UTF-8: training splits and trains, predict.py
+    prints, writes CSV (the names' bytes as on disk) and JSON (valid, escaped)."""
+    data = tmp_path / "data"
+    latin1 = os.fsdecode(b"caf\xe9")  # 'café' in Latin-1: not UTF-8
+    copy_digits(data, classes=("0", "1"), per_class=6)
+    copy_digits(data / "x", classes=("2",), per_class=6)
+    os.rename(data / "x" / "2", data / latin1)
+    os.rename(data / "1" / "0001.png", data / "1" / os.fsdecode(b"\xff\xfe.png"))
+    out = tmp_path / "run"
+    result = train("--data-path", data, "--output-dir", out, *FAST, "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert torch.load(out / "best.pth", weights_only=True)["meta"]["classes"][2] == latin1
+
+    csv_path = tmp_path / "p.csv"
+    result = run_script("predict.py", data, "--weights", out / "best.pth", "--csv", csv_path)
+    assert "Traceback" not in result.stderr and result.stdout.count("\n") == 18
+    assert b"caf\xe9" in csv_path.read_bytes() and b"\xff\xfe.png" in csv_path.read_bytes()
+    lines = run_script("predict.py", data, "--weights", out / "best.pth", "--json").stdout.splitlines()
+    paths = [json.loads(line)["path"] for line in lines]
+    assert sum(p.startswith(str(data / latin1)) for p in paths) == 6
+    assert all(os.path.isfile(p) for p in paths)  # the escaped names decode to the files on disk
+
+
+# ---- a failed run must not look like a success ------------------------------------------------
+
+def test_batch_size_1_trains_and_is_refused_where_batchnorm_cannot(tiny_data, tmp_path):
+    """--batch-size 1 makes one optimizer step per image (at 48 px the last feature maps are 2x2,
+    enough for BatchNorm); at 32 px they are 1x1 and the flag is refused up front."""
+    out = tmp_path / "run"
+    run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--img-size", "48",
+               "--batch-size", "1", "--epochs", "1")
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["scheduler"]["last_epoch"] == 24  # 3 classes x 8 training images
+    assert_user_error(train("--data-path", tiny_data, *FAST, "--batch-size", "1"), "--batch-size 1", "--img-size")
+
+
+def test_diverging_run_stops_with_exit_1_and_resumes_with_a_lower_lr(tiny_data, tmp_path):
+    """--lr 1e6 with one step per epoch: the run stops with exit 1 naming the epoch, saves no
+    best.pth, and the advice works: --resume with --lr continues the run at the new rate."""
+    out = tmp_path / "run"
+    flags = ["--img-size", "32", "--workers", "0", "--epochs", "3", "--batch-size", "32", "--optimizer", "sgd"]
+    result = train("--data-path", tiny_data, "--output-dir", out, *flags, "--lr", "1e6")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "NaN or infinite" in result.stderr or "became nan" in result.stderr.lower()
+    assert "--resume" in result.stderr and "--lr" in result.stderr
+    assert not (out / "best.pth").exists()
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 0
+
+    result = run_script("train.py", "--resume", out / "last.pth", "--lr", "0.01")
+    assert "resuming with --lr 0.01 (was 1000000.0)" in result.stdout
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["epoch"] == 3 and last["meta"]["args"]["lr"] == 0.01
+    assert last["optimizer"]["param_groups"][0]["initial_lr"] == 0.01
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_weights_with_nan_are_refused(tmp_path, tiny_data):
+    sd = train_script.create_model("b0", 3).state_dict()
+    sd["features.top.0.weight"][0, 0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    assert_user_error(run_script("predict.py", tiny_data, "--weights", tmp_path / "nan.pth", check=False),
+                      "nan.pth", "NaN or infinite")
+
+
+def test_eval_only_needs_weights(tiny_data):
+    assert_user_error(train("--data-path", tiny_data, *FAST, "--eval-only"), "--eval-only", "--weights")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--label-smoothing", "5"], ["--label-smoothing", "below 1"]),
+    (["--seed", str(2**70)], ["--seed"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--device", "meta"], ["--device meta", "cpu"]),
+    (["--lrf", "50"], ["--lrf", "between 0 and 1"]),
+    (["--lr", "0"], ["--lr", "more than 0"]),
+])
+def test_out_of_range_flags_are_refused(tiny_data, flags, words):
+    assert_user_error(train("--data-path", tiny_data, *FAST, *flags), *words)
+
+
+# ---- exact resume -------------------------------------------------------------------------------
+
+def test_kill_9_and_resume_is_exact_with_two_workers(tmp_path):
+    """With --workers 2, a run killed after epoch 1 and resumed ends with exactly the weights and
+    losses of an uninterrupted run: shuffle order and augmentation depend on seed, epoch and image."""
+    data = copy_digits(tmp_path / "data", per_class=8)
+    flags = ["--data-path", data, "--img-size", "32", "--batch-size", "6", "--workers", "2", "--epochs", "3"]
+    run_script("train.py", *flags, "--output-dir", tmp_path / "whole")
+    proc = start([*flags, "--output-dir", tmp_path / "cut"])
+    wait_for_epoch(tmp_path / "cut", 1, proc)
+    proc.kill()
+    proc.communicate()
+    run_script("train.py", "--resume", tmp_path / "cut" / "last.pth")
+    whole = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)
+    assert [r["train_loss"] for r in cut["history"]] == [r["train_loss"] for r in whole["history"]]
+    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+
+
+def test_augmentation_does_not_depend_on_the_worker():
+    """The same (index, seed) gives the same crop whichever process loads it; another seed another."""
+    paths = [os.path.join(ROOT, "data", "digits", "3", sorted(os.listdir(os.path.join(ROOT, "data", "digits", "3")))[0])]
+    ds = utils.MyDataSet(paths, [3], transform=utils.build_transform(
+        train_script.VARIANTS["b0"], 32, train=True, scale=(0.08, 1.0)))
+    torch.manual_seed(1)
+    a = ds[(0, 123)][0]
+    torch.manual_seed(2)
+    b = ds[(0, 123)][0]
+    assert torch.equal(a, b) and not torch.equal(a, ds[(0, 124)][0])
+    state = torch.get_rng_state()
+    ds[(0, 5)]
+    assert torch.equal(state, torch.get_rng_state())  # the model's RNG (dropout) is left alone
+
+
+# ---- clean starts and stops ---------------------------------------------------------------------
+
+PATCHED = textwrap.dedent("""
+    import runpy, sys
+    sys.path.insert(0, {root!r})
+    import utils, checkpoint
+    {patch}
+    sys.argv = [{script!r}] + sys.argv[1:]
+    runpy.run_path({script!r}, run_name="__main__")
+""")
+
+
+def run_patched(tmp_path, patch, *args):
+    """train.py with one function replaced, as a user runs it (signals and exits included)."""
+    script = tmp_path / "patched_train.py"
+    script.write_text(PATCHED.format(root=ROOT, script=os.path.join(ROOT, "train.py"), patch=textwrap.dedent(patch)))
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+
+
+def interrupted_in(function, tmp_path, *args):
+    """train.py with a Ctrl-C arriving while utils.`function` runs."""
+    patch = f"""
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+        utils.{function} = interrupted
+    """
+    return run_patched(tmp_path, patch, *args)
+
+
+def test_signal_during_start_up_leaves_no_half_made_run_folder(tiny_data, tmp_path):
+    """Ctrl-C while the run folder is being set up: one line, exit 130, and the folder is gone
+    (it had no last.pth to resume from)."""
+    result = interrupted_in("plot_class_distribution", tmp_path, "--data-path", tiny_data,
+                            "--output-dir", tmp_path / "run", *FAST)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    assert "interrupted before training started" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5, 3.0])
+def test_real_signals_at_any_moment_of_start_up(tiny_data, tmp_path, delay):
+    """SIGINT at some moment of start-up (imports, the scan, the model, the first save): no
+    traceback, and any run folder left behind can be resumed."""
+    proc = start(["--data-path", tiny_data, "--output-dir", tmp_path / "run", *FAST], cwd=tmp_path)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    assert not (tmp_path / "run").exists() or (tmp_path / "run" / "last.pth").is_file()
+
+
+def test_signal_while_drawing_the_final_plots(tiny_data, tmp_path):
+    """Ctrl-C after the last epoch, while the last plots are drawn: the run is complete and says so."""
+    result = interrupted_in("plot_confusion", tmp_path, "--data-path", tiny_data, "--output-dir", tmp_path / "run",
+                            *FAST)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    assert "the run is complete" in result.stderr
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["epoch"] == 2
+
+
+def test_disk_full_is_one_line_with_the_resume_command(tiny_data, tmp_path):
+    """The third checkpoint write (epoch 1's last.pth) fails as on a full disk: exit 1, one line
+    that says what failed, which epoch last.pth holds and how to resume; last.pth is intact."""
+    patch = """
+        import errno
+        real, calls = checkpoint.save, []
+        def save(obj, path):
+            calls.append(path)
+            if len(calls) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            real(obj, path)
+        checkpoint.save = save
+    """
+    run = tmp_path / "run"
+    result = run_patched(tmp_path, patch, "--data-path", tiny_data, "--output-dir", run, *FAST)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "No space left on device" in message and "last.pth" in message and "holds epoch 0" in message
+    assert f"train.py --resume {run / 'last.pth'}" in message
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 0
+
+
+def test_a_failed_start_leaves_no_run_folder(tiny_data, tmp_path):
+    for _ in range(2):
+        assert_user_error(train("--data-path", tiny_data, *FAST, "--weights", tmp_path / "nope.pth", cwd=tmp_path),
+                          "nope.pth")
+    assert not (tmp_path / "weights").exists()
+
+
+def test_run_folders_are_created_atomically(tmp_path, monkeypatch):
+    """Another run creating the chosen folder between the look and the creation (a simulated race)
+    does not make both runs share it: the next free name is taken."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights" / "b0-data").mkdir(parents=True)
+    real_mkdir = os.mkdir
+
+    def racing_mkdir(path, *args):
+        if str(path).endswith("b0-data-2"):
+            real_mkdir(path)  # the other run gets there first
+        return real_mkdir(path, *args)
+
+    monkeypatch.setattr(os, "mkdir", racing_mkdir)
+    args = argparse.Namespace(model="b0", data_path="some/data", output_dir=None, exist_ok=False)
+    assert train_script.make_run_dir(args) and args.output_dir == os.path.join("weights", "b0-data-3")
+
+
+def test_two_processes_never_write_one_run(tiny_data, tmp_path):
+    """A second --resume of a run that is still training is refused; the first goes on."""
+    run = tmp_path / "run"
+    first = start(["--data-path", tiny_data, "--output-dir", run, *FAST, "--epochs", "50"])
+    wait_for_epoch(run, 1, first)
+    second = train("--resume", run / "last.pth")
+    assert_user_error(second, "another train.py is writing", str(run))
+    assert first.poll() is None
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=60)
+
+
+# ---- outputs ------------------------------------------------------------------------------------
+
+def test_predict_checks_its_output_paths_before_predicting(tiny_data, tmp_path):
+    weights = tmp_path / "w.pth"
+    torch.save(train_script.create_model("b0", 3).state_dict(), weights)
+    result = run_script("predict.py", tiny_data, "--weights", weights, "--csv", tmp_path / "no" / "p.csv", check=False)
+    assert_user_error(result, "--csv", "does not exist")
+    assert result.stdout == ""  # nothing was predicted first
+    assert_user_error(run_script("predict.py", tiny_data, "--weights", weights, "--plot", tmp_path, check=False),
+                      "--plot", "is a folder")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_output_files_honour_the_umask(tiny_data, tmp_path, umask, mode):
+    out = tmp_path / "run"
+    cmd = f"umask {umask:03o} && {sys.executable} {os.path.join(ROOT, 'train.py')} --data-path {tiny_data} " \
+          f"--output-dir {out} " + " ".join(FAST) + " --epochs 1"
+    subprocess.run(["bash", "-c", cmd], check=True, capture_output=True, timeout=300)
+    for name in ("best.pth", "last.pth", "metrics.csv", "curves.png", "class_indices.json"):
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == mode, name
+
+
+def test_warnings_are_one_line_messages_naming_the_file(tmp_path):
+    """A JPEG truncated after its header (it passes the scan, then fails to decode in training) and
+    a PNG just over Pillow's pixel limit in predict.py: each is named in one line of this repo's,
+    with no Python warning and no line of library code under it."""
+    data = tmp_path / "data"
+    copy_digits(data, classes=("0", "1"), per_class=6)
+    write_truncated_jpeg(data / "0" / "cut.jpg")
+    result = train("--data-path", data, "--output-dir", tmp_path / "run", *FAST, "--epochs", "1",
+                   "--batch-size", "16")  # one batch of all 11 training images: cut.jpg is in it
+    assert result.returncode == 0, result.stderr
+    assert "warning: skipping unreadable image" in result.stderr and "cut.jpg" in result.stderr
+    assert "Warning" not in result.stderr and "warn(" not in result.stderr, result.stderr
+
+    photos = tmp_path / "photos"
+    copy_digits(photos, classes=("2",), per_class=2)
+    write_bomb_png(photos / "big.png", side=9500)  # 90 megapixels: Pillow warns, it does not refuse
+    result = run_script("predict.py", photos, "--weights", tmp_path / "run" / "best.pth", check=False)
+    assert result.returncode == 1 and "big.png: error:" in result.stderr and "pixels" in result.stderr
+    assert "Warning" not in result.stderr and "warn(" not in result.stderr, result.stderr
+    assert result.stdout.count("\n") == 2  # the two good images
