@@ -34,8 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Benchmark this repo against plain torchvision.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.ArgumentParser(description="Benchmark this repo against plain torchvision.")
     p.add_argument("--model", default="b0", choices=list(VARIANTS), help="variant")
     p.add_argument("--img-size", type=int, default=None, help="resolution (default: the variant's)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")

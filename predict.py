@@ -10,7 +10,7 @@ checkpoints (variant, classes and preprocessing are inside), or raw state_dicts:
 official files (ImageNet class names and torchvision's own eval transform) or the tutorial's
 (class names from class_indices.json beside the file, or --class-indices).
 """
-import argparse
+import collections
 import glob
 import json
 import math
@@ -29,10 +29,9 @@ from my_dataset import load_rgb
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Predict the class of images with an EfficientNet.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.ArgumentParser(description="Predict the class of images with an EfficientNet.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    p.add_argument("--weights", required=True, help="best.pth from train.py, or a torchvision / tutorial state_dict")
+    p.add_argument("--weights", help="best.pth from train.py, or a torchvision / tutorial state_dict (required)")
     p.add_argument("--model", default=None, choices=list(VARIANTS), help="variant (default: read from the weights)")
     p.add_argument("--class-indices", default=None,
                    help="class_indices.json with the class names (default: from the checkpoint, or beside it)")
@@ -40,6 +39,7 @@ def get_args_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the predictions to this CSV file")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the images with their top class")
+    p.add_argument("--plot-limit", type=int, default=64, metavar="N", help="draw at most the first N images")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
     p.add_argument("--workers", type=int, default=utils.default_workers(), help="image decoding processes")
@@ -159,10 +159,11 @@ def predict(model, loader, device, topk, amp=False):
 
 
 def plot_predictions(results, path, limit=64):
+    """A grid of the first `limit` predicted images with their top class; returns how many."""
     plt = utils.pyplot()
     shown = [r for r in results if "topk" in r][:limit]
     if not shown:
-        return
+        return 0
     cols = min(8, len(shown))
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
@@ -176,9 +177,21 @@ def plot_predictions(results, path, limit=64):
         ax.set_title(f"{utils.printable(top['class'])[:18]} ({top['prob']:.2f})\n"
                      f"{utils.printable(os.path.basename(r['path']))[:22]}", fontsize=8)
     utils.save_figure(fig, path)
+    return len(shown)
+
+
+def newest_run_weights():
+    """The best.pth of the newest run under ./weights, or None: a suggestion for a missing --weights."""
+    runs = glob.glob(os.path.join("weights", "*", "best.pth"))
+    return max(runs, key=os.path.getmtime) if runs else None
 
 
 def main(args):
+    if args.weights is None:
+        newest = newest_run_weights()
+        raise utils.UsageError("--weights is required: the weights to predict with, e.g. "
+                               + (f"--weights {newest} (the newest run here)" if newest else
+                                  "--weights weights/b0-digits/best.pth from a train.py run"))
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path:
             check_output_file(path, flag)
@@ -204,14 +217,31 @@ def main(args):
             results.append({"path": paths[i], "topk": [{"index": c, "class": names[c], "prob": round(p, 6)}
                                                         for p, c in zip(probs, classes)]})
         show(results[-1], args)
+    wrote = []
     if args.csv:
         write_csv(args.csv, results, topk)
+        wrote.append(f"{args.csv} ({len(results)} rows)")
     if args.plot:
-        plot_predictions(results, args.plot)
+        drawn = plot_predictions(results, args.plot, args.plot_limit)
+        predicted = sum("topk" in r for r in results)
+        wrote += [f"{args.plot} ({'all' if drawn == predicted else f'first {drawn} of'} {predicted} images)"] if drawn \
+            else []
+    if len(results) > 1:
+        print(summary(results), file=sys.stderr)
+    if wrote:
+        print(f"wrote {', '.join(wrote)}", file=sys.stderr)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def summary(results):
+    """One line for a run over many images: how many, which classes, how many failed."""
+    counts = collections.Counter(r["topk"][0]["class"] for r in results if "topk" in r)
     failed = sum("error" in r for r in results)
-    if failed and not args.json:
-        print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
-    return 1 if failed else 0
+    top = ", ".join(f"{utils.printable(name)}: {n}" for name, n in counts.most_common(5))
+    more = f", {len(counts) - 5} more" if len(counts) > 5 else ""
+    classes = f"{len(counts)} class{'es' if len(counts) != 1 else ''}"
+    return (f"{len(results)} inputs: {sum(counts.values())} predicted as {classes} ({top}{more})"
+            + (f", {failed} could not be read" if failed else ""))
 
 
 def show(result, args):
@@ -246,8 +276,8 @@ def write_csv(path, results, topk):
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    if args.topk < 1 or args.batch_size < 1:
-        get_args_parser().error("--topk and --batch-size must be at least 1")
+    if args.topk < 1 or args.batch_size < 1 or args.plot_limit < 1:
+        get_args_parser().error("--topk, --batch-size and --plot-limit must be at least 1")
     if args.workers < 0:
         get_args_parser().error(f"--workers must be 0 or more (got {args.workers})")
     utils.speak_any_file_name()

@@ -40,56 +40,74 @@ RESUMABLE = ("epochs", "device", "workers", "data_path", "resume", "lr", "clip_g
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Train EfficientNet B0-B7 on a folder of images.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-path", default=os.path.join(HERE, "data", "digits"),
-                   help="folder with one sub-folder per class (or train/ and val/ folders of those)")
-    p.add_argument("--model", default="b0", choices=list(VARIANTS), help="EfficientNet variant")
-    p.add_argument("--img-size", type=int, default=None, help="training resolution (default: the variant's, 224 for b0)")
-    p.add_argument("--epochs", type=int, default=30, help="number of epochs to train")
-    p.add_argument("--batch-size", type=int, default=16, help="images per step on each process")
-    p.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw", "rmsprop"], help="optimizer")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: adamw 1e-3, sgd 0.02, rmsprop 1e-3, for a global batch "
-                        "of 16; a quarter of that with --weights). Scale it with the global batch size")
-    p.add_argument("--lrf", type=float, default=0.01, help="final learning rate as a fraction of --lr (cosine decay)")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help="weight decay, not applied to BatchNorm and biases (default: adamw 0.05, else 1e-5)")
-    p.add_argument("--warmup-epochs", type=float, default=0.2, help="linear learning-rate warm-up, in epochs")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("MIN", "MAX"),
-                   help="area range of RandomResizedCrop")
-    p.add_argument("--no-hflip", action="store_true",
-                   help="no random horizontal flips (for data where mirroring changes the class: digits, text)")
-    p.add_argument("--weights", default=None, help="initial weights: torchvision's or the tutorial's file, or a checkpoint")
-    p.add_argument("--freeze-layers", action="store_true",
-                   help="train only the last conv block (features.top) and the classifier")
-    p.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision: bf16 or fp16 autocast (fp16 with a grad scaler); auto = bf16 where "
-                        "the hardware runs it fast (GPUs with bf16, CPUs with AMX), else off")
-    p.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights; it is "
-                   "what gets evaluated and saved")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per optimizer step")
-    p.add_argument("--grad-accum", type=int, default=1, help="accumulate gradients over this many batches")
-    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last memory format (faster convolutions on CPU and tensor cores)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute activations in backward: much less memory for B4-B7, ~25%% slower")
-    p.add_argument("--lean-activations", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep less for backward (BatchNormSiLU and SigmoidGate in model.py): 0.62x the activation "
-                        "memory, same gradients; --no-lean-activations uses plain autograd")
-    p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across GPUs (torchrun)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
-    p.add_argument("--workers", type=int, default=utils.default_workers(), help="data loading processes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split and of training")
-    p.add_argument("--val-rate", type=float, default=0.2, help="fraction of each class held out for validation")
-    p.add_argument("--output-dir", default=None, help="run folder (default: weights/<model>-<dataset>, never reused)")
-    p.add_argument("--exist-ok", action="store_true", help="allow --output-dir to be a folder that holds a run")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="FILE",
-                   help="continue from FILE (a last.pth), or from --output-dir's last.pth")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate --weights (or --resume) on the validation set")
+    p = utils.ArgumentParser(description="Train EfficientNet B0-B7 on a folder of images.")
+    data = p.add_argument_group("data")
+    data.add_argument("--data-path", default=os.path.join(HERE, "data", "digits"),
+                      help="folder with one sub-folder per class (or train/ and val/ folders of those)")
+    data.add_argument("--val-rate", type=float, default=0.2, help="fraction of each class held out for validation")
+    data.add_argument("--seed", type=int, default=0, help="seed of the data split and of training")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="b0", choices=list(VARIANTS), help="EfficientNet variant")
+    model.add_argument("--img-size", type=int, default=None,
+                       help="training resolution (default: the variant's, 224 for b0)")
+    model.add_argument("--weights", default=None,
+                       help="initial weights: torchvision's or the tutorial's file, or a checkpoint")
+    model.add_argument("--freeze-layers", action="store_true",
+                       help="train only the last conv block (features.top) and the classifier")
+
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=30, help="number of epochs to train")
+    optim.add_argument("--batch-size", type=int, default=16, help="images per step on each process")
+    optim.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw", "rmsprop"], help="optimizer")
+    optim.add_argument("--lr", type=float, default=None,
+                       help="peak learning rate (default: adamw 1e-3, sgd 0.02, rmsprop 1e-3, for a global batch "
+                            "of 16; a quarter of that with --weights). Scale it with the global batch size")
+    optim.add_argument("--lrf", type=float, default=0.01,
+                       help="final learning rate as a fraction of --lr (cosine decay)")
+    optim.add_argument("--weight-decay", type=float, default=None,
+                       help="weight decay, not applied to BatchNorm and biases (default: adamw 0.05, else 1e-5)")
+    optim.add_argument("--warmup-epochs", type=float, default=0.2, help="linear learning-rate warm-up, in epochs")
+    optim.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
+    optim.add_argument("--ema", action="store_true",
+                       help="keep an exponential moving average of the weights; it is what gets evaluated and saved")
+    optim.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per optimizer step")
+    optim.add_argument("--grad-accum", type=int, default=1, help="accumulate gradients over this many batches")
+    optim.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+
+    augment = p.add_argument_group("augmentation")
+    augment.add_argument("--crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("MIN", "MAX"),
+                         help="area range of RandomResizedCrop")
+    augment.add_argument("--no-hflip", action="store_true",
+                         help="no random horizontal flips (for data where mirroring changes the class: digits, text)")
+
+    hardware = p.add_argument_group("hardware and speed")
+    hardware.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
+    hardware.add_argument("--workers", type=int, default=utils.default_workers(), help="data loading processes")
+    hardware.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                          help="mixed precision: bf16 or fp16 autocast (fp16 with a grad scaler); auto = bf16 where "
+                               "the hardware runs it fast (GPUs with bf16, CPUs with AMX), else off")
+    hardware.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                          help="channels-last memory format (faster convolutions on CPU and tensor cores)")
+    hardware.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
+    hardware.add_argument("--grad-checkpointing", action="store_true",
+                          help="recompute activations in backward: a quarter of the memory, about 20%% slower")
+    hardware.add_argument("--lean-activations", action=argparse.BooleanOptionalAction, default=True,
+                          help="keep less for backward (BatchNormSiLU and SigmoidGate in model.py): 0.62x the "
+                               "activation memory, same gradients; --no-lean-activations uses plain autograd")
+    hardware.add_argument("--sync-bn", action="store_true",
+                          help="synchronise BatchNorm statistics across GPUs (torchrun)")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--output-dir", default=None,
+                     help="run folder (default: weights/<model>-<dataset>, never reused)")
+    run.add_argument("--exist-ok", action="store_true", help="allow --output-dir to be a folder that holds a run")
+    run.add_argument("--resume", nargs="?", const="", default=None, metavar="FILE",
+                     help="continue from FILE (a last.pth), or from --output-dir's last.pth")
+    run.add_argument("--eval-only", action="store_true",
+                     help="only evaluate --weights (or --resume) on the validation set")
+    run.add_argument("--log-interval", type=float, default=30,
+                     help="seconds between progress lines when the output is not a terminal (a log file, nohup)")
     return p
 
 
@@ -177,7 +195,7 @@ def resume_args(args, parser):
     given = {k: v for k, v in vars(args).items() if k in RESUMABLE and v != parser.get_default(k)}
     defaults = vars(parser.parse_args([]))
     restored = argparse.Namespace(**{**defaults, **ckpt["meta"]["args"], **given})
-    restored.output_dir = os.path.dirname(os.path.abspath(path))
+    restored.output_dir = os.path.dirname(path) or "."  # as the user wrote it: messages show the same path
     restored.resume, restored.eval_only = path, args.eval_only
     changed = [f"--{k.replace('_', '-')} {v} (was {ckpt['meta']['args'].get(k)})" for k, v in given.items()
                if k in ("lr", "clip_grad", "amp") and v != ckpt["meta"]["args"].get(k)]
@@ -305,8 +323,9 @@ def build_optimization(args, models, batches_per_epoch, device, ckpt):
         rngs = ckpt["rng"]
         utils.set_rng_state(rngs[min(utils.rank(), len(rngs) - 1)])
         progress = {k: ckpt[k] for k in progress}
-        utils.print0(f"resuming {args.output_dir} at epoch {progress['epoch'] + 1} "
-                     f"(best val top-1 so far {progress['best_top1']:.4f})")
+        so_far = (f"best val top-1 so far {progress['best_top1']:.4f}" if progress["epoch"]
+                  else "no epoch had finished")
+        utils.print0(f"resuming {args.output_dir} at epoch {progress['epoch'] + 1} ({so_far})")
     return (optimizer, scheduler, scaler), progress
 
 
@@ -396,6 +415,7 @@ def fit(args, models, data, optimization, progress, meta, device):
     is_main, classes = utils.rank() == 0, data.split.classes
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
     done = progress["epoch"]  # the last epoch whose state last.pth holds
+    stuck = 0  # epochs in a row whose validation says nothing has been learned
     try:
         for epoch in range(progress["epoch"] + 1, args.epochs + 1):
             data.train_sampler.set_epoch(epoch)
@@ -412,6 +432,8 @@ def fit(args, models, data, optimization, progress, meta, device):
                    **{k: result[k] for k in ("val_loss", "val_top1", "val_top5")},
                    "epoch_seconds": time.perf_counter() - start, "images_per_second": rate}
             progress["history"].append(row)
+            problem = utils.learning_problem(result["confusion"], classes)
+            stuck = stuck + 1 if problem else 0
             if result["val_top1"] > progress["best_top1"]:
                 progress.update(best_top1=result["val_top1"], best_confusion=result["confusion"])
                 if is_main:
@@ -422,22 +444,45 @@ def fit(args, models, data, optimization, progress, meta, device):
             done = epoch
             if is_main:
                 utils.write_metrics(out("metrics.csv"), progress["history"])
-                utils.plot_curves(progress["history"], out("curves.png"))
-            utils.print0(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}  "
-                         f"top-1 {row['val_top1']:.4f}  top-5 {row['val_top5']:.4f}  lr {row['lr']:.2e}  "
-                         f"{row['epoch_seconds']:.1f}s  {rate:.1f} img/s")
-        best, confusion = progress["best_top1"], progress["best_confusion"]
-        if is_main and confusion is not None:
-            utils.plot_confusion(confusion, classes, out("confusion_matrix.png"), f"best epoch, val top-1 {best:.4f}")
-            utils.write_per_class(out("per_class.csv"), confusion, classes)
+                utils.plot_curves(progress["history"], out("curves.png"), len(classes))
+            utils.print0(epoch_line(args, row, progress["history"], len(classes), problem if stuck >= 2 else None))
+        finish(args, progress, classes)
     except KeyboardInterrupt:
         return stopped(args, done, "interrupted")
     except utils.NonFiniteLossError as e:
         return stopped(args, done, f"error: {e}; stopped")
     except OSError as e:  # a full disk, a folder that went away: the files written before are whole
         return stopped(args, done, f"error: cannot write {e.filename or 'to ' + args.output_dir} ({e.strerror})")
-    utils.print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
     return 0
+
+
+def epoch_line(args, row, history, num_classes, problem):
+    """The line each epoch prints: losses, accuracy (top-5 only where it can be wrong), time, the
+    time left for the whole run, and a note when validation has shown no learning for a while."""
+    this_session = [r["epoch_seconds"] for r in history][-(row["epoch"] - history[0]["epoch"] + 1):]
+    left = (args.epochs - row["epoch"]) * sum(this_session) / len(this_session)
+    top5 = f"top-5 {row['val_top5']:.4f}  " if num_classes > 5 else ""
+    line = (f"epoch {row['epoch']}/{args.epochs}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+            f"top-1 {row['val_top1']:.4f}  {top5}lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s  "
+            f"{row['images_per_second']:.1f} img/s" + (f"  run ends in {utils.duration(left)}" if left else ""))
+    return line + (f"\n  not learning yet: {problem}" if problem else "")
+
+
+def finish(args, progress, classes):
+    """The best epoch's confusion matrix and per-class figures, and the last word of the run."""
+    best, confusion = progress["best_top1"], progress["best_confusion"]
+    out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
+    if utils.rank() == 0 and confusion is not None:
+        best_epoch = next(r["epoch"] for r in progress["history"] if r["val_top1"] == best)
+        utils.plot_confusion(confusion, classes, out("confusion_matrix.png"),
+                             f"validation, epoch {best_epoch} (best.pth): top-1 {best:.4f}")
+        utils.write_per_class(out("per_class.csv"), confusion, classes)
+    utils.print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
+    problem = confusion is not None and utils.learning_problem(confusion, classes)
+    if problem:
+        utils.print0(f"warning: the model has not learned to tell the classes apart: {problem}. Try more "
+                     f"--epochs, pretrained --weights (see README), or a lower --lr (this run: {args.lr:g})",
+                     file=sys.stderr)
 
 
 def stopped(args, done, why):
@@ -450,14 +495,15 @@ def stopped(args, done, why):
             utils.print0(f"\ninterrupted after the last epoch; {last} holds epoch {done}: the run is complete",
                          file=sys.stderr)
         else:
-            utils.print0(f"\ninterrupted in epoch {done + 1}; {last} holds epoch {done}. Resume with:\n  {resume}",
-                         file=sys.stderr)
+            holds = f"{last} holds epoch {done}" if done else "no epoch finished yet"
+            utils.print0(f"\ninterrupted in epoch {done + 1}; {holds}. Resume with:\n  {resume}", file=sys.stderr)
         return 130
     if why.startswith("error: cannot write"):
         advice = f"free some space, then resume with: {resume}"
     else:
         advice = f"resume with a lower --lr, --clip-grad 1 or --amp off (all taken on --resume): {resume} --lr ..."
-    utils.print0(f"{why}. {last} holds epoch {done}; {advice}", file=sys.stderr)
+    holds = f"{last} holds epoch {done}" if done else f"no epoch finished yet ({last} holds the start)"
+    utils.print0(f"{why}. {holds}; {advice}", file=sys.stderr)
     return 1
 
 

@@ -1,10 +1,12 @@
 """What train.py and predict.py share: the data split, transforms and loaders, the runtime
 (device, mixed precision, distributed processes, RNG state), the train and eval loops, and the
 files a run writes (metrics, plots). Checkpoints have their own module, checkpoint.py."""
+import argparse
 import contextlib
 import csv
 import ctypes
 import datetime
+import difflib
 import functools
 import json
 import math
@@ -29,6 +31,36 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 VAL_FOLDERS = ("val", "valid", "validation")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" where there is a default to show and the help text does not
+    already say it."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or action.default is False \
+                or not action.option_strings:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: no abbreviations (--epoch is a typo, not --epochs), and a close flag
+    name suggested for a flag it does not know (--img_size: did you mean --img-size?)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("--"):
+                    typed = word.split("=")[0].replace("_", "-").lower()
+                    close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.6)
+                    if close:
+                        message += f" (did you mean {close[0]}?)"
+        super().error(message)
+
+
 class UsageError(ValueError):
     """A flag or path the user gave cannot be used (a run folder, a device); the message says what to change."""
 
@@ -41,16 +73,18 @@ class DataError(UsageError):
 # Finding and splitting the images
 # ---------------------------------------------------------------------------------------------
 
-def list_images(folder, rejected=None, skip=()):
+def list_images(folder, rejected=None, foreign=None):
     """Image files under `folder`, recursively and following links, in a stable order (a folder's
     files by name, then its sub-folders by name); hidden files and other types are ignored.
 
-    Each real directory is visited once, so a link back into the tree (`self -> .`, `up -> ..`)
-    cannot repeat or loop; directories whose (device, inode) is in `skip` (the data root and the
-    other class folders) are not entered. Anything named like an image that is not a regular
-    file (a FIFO, a socket, a broken link) is never opened: it goes to `rejected` as (path, why).
+    Each real directory is visited once, so a link back into the tree (`self -> .`) cannot repeat
+    or loop. `foreign(real_path)` may say why a link's target is not this folder's to take (it
+    belongs to another class, or lies above the data); such a link is not followed. Anything
+    named like an image that is not a regular file (a FIFO, a socket, a broken link) is never
+    opened. Both go to `rejected` as (path, why).
     """
-    found, seen = [], set(skip)
+    found, seen = [], set()
+    rejected = [] if rejected is None else rejected
 
     def walk(path):
         info = os.stat(path)
@@ -59,24 +93,28 @@ def list_images(folder, rejected=None, skip=()):
         seen.add((info.st_dev, info.st_ino))
         with os.scandir(path) as it:
             entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        entries = [e for e in entries if not (e.is_symlink() and foreign and refused(e))]
         for e in entries:
             if e.name.lower().endswith(IMG_EXTENSIONS) and not e.is_dir():
                 if e.is_file():
                     found.append(e.path)
-                elif rejected is not None:
+                else:
                     rejected.append((e.path, "not a regular file (a FIFO, socket, device or broken link); "
                                              "not opened"))
         for e in entries:
             if e.is_dir():
                 walk(e.path)
 
+    def refused(entry):
+        if not (entry.is_dir() or entry.name.lower().endswith(IMG_EXTENSIONS)):
+            return False
+        why = foreign(os.path.realpath(entry.path))
+        if why:
+            rejected.append((entry.path, why))
+        return bool(why)
+
     walk(folder)
     return found
-
-
-def real_dir_key(path):
-    info = os.stat(path)
-    return info.st_dev, info.st_ino
 
 
 def check_image(path):
@@ -119,9 +157,11 @@ def find_val_folder(root):
 def scan_classes(root):
     """{class name: [usable image paths]} for the class folders under `root`, plus the broken files.
 
-    A class holds what its folder holds, links followed, but never the data root or another class
-    folder reached through a link; a real file reached twice (two links, or a link and the file
-    itself) counts once, for the first class and path that reach it, and the others are named."""
+    A class holds what its folder holds, links followed, but a link to another class's folder or
+    file, or back up to the data folder, is not followed (the other class keeps what is its own,
+    whatever the order); a real file reached twice in other ways (two links to one file outside
+    the data, or a link and the file itself) counts once, for the first path, and the others are
+    named."""
     if not os.path.exists(root):
         raise DataError(f"data path {root} does not exist: pass --data-path pointing at a folder "
                         "with one sub-folder of images per class")
@@ -129,17 +169,26 @@ def scan_classes(root):
         raise DataError(f"data path {root} is a file, not a folder: pass the folder that holds one "
                         "sub-folder of images per class")
     names = class_folders(root)
-    class_dirs = {real_dir_key(os.path.join(root, name)) for name in names}
-    ancestors, parent = set(), os.path.realpath(root)
-    while True:  # the root and every folder above it: a link up there would take in everything
-        ancestors.add(real_dir_key(parent))
-        if os.path.dirname(parent) == parent:
-            break
-        parent = os.path.dirname(parent)
+    top = os.path.realpath(root)
+    owners = {os.path.realpath(os.path.join(root, name)): name for name in names}
+
+    def foreign_to(name):
+        """Why a link in class `name` to `real` is not followed or counted there, or None."""
+        def why(real):
+            if top == real or top.startswith(real.rstrip(os.sep) + os.sep):
+                return "a link back up to the data folder or above it; not followed"
+            probe = real
+            while probe not in owners and os.path.dirname(probe) != probe:
+                probe = os.path.dirname(probe)
+            if owners.get(probe, name) != name:
+                return f"a link into class folder '{owners[probe]}'; counted there, not here"
+            return None
+        return why
+
     images, broken, first_path = {}, [], {}
     for name in names:
         folder = os.path.join(root, name)
-        for path in list_images(folder, broken, skip=ancestors | (class_dirs - {real_dir_key(folder)})):
+        for path in list_images(folder, broken, foreign_to(name)):
             real = os.path.realpath(path)
             if real in first_path:
                 broken.append((path, f"the same file as {first_path[real]}; counted once"))
@@ -448,7 +497,9 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
     autocast, grad_accum = amp_dtype(args.amp, device), args.grad_accum
     loss_sum, seen = 0.0, 0  # plain floats: the loss is on the host already for the NaN check
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch} train", disable=None if show else True, leave=False, dynamic_ncols=True)
+    terminal = show and sys.stderr.isatty()  # a progress bar there; plain lines in a log file or a pipe
+    next_line = start + args.log_interval
+    bar = tqdm(loader, desc=f"epoch {epoch} train", disable=not terminal, leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     smallest = 1 if args.img_size > 32 else 2  # at 32 px BatchNorm's 1x1 maps need two images (check_args)
     for step, (images, labels) in enumerate(bar):
@@ -476,12 +527,45 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
             if ema is not None:
                 ema.update_parameters(model)
         loss_sum, seen = loss_sum + loss_value * len(images), seen + len(images)
-        if show:
+        if terminal:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{seen / (time.perf_counter() - start):.1f}")
+        elif show and time.perf_counter() >= next_line:
+            now = time.perf_counter()
+            next_line = now + args.log_interval
+            left = (now - start) / (step + 1) * (len(loader) - step - 1)
+            print(f"epoch {epoch}  step {step + 1}/{len(loader)}  loss {loss_sum / seen:.4f}  "
+                  f"{seen / (now - start):.1f} img/s  epoch ends in {duration(left)}", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
     sums = all_reduce_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
     return sums[0].item() / max(sums[1].item(), 1), sums[1].item() / elapsed
+
+
+def duration(seconds):
+    """7s, 4m05s, 2h03m: the way a person reads a wait."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def learning_problem(confusion, classes):
+    """Why the validation results say that nothing has been learned (yet), or None: one class
+    takes (nearly) all predictions, or top-1 is no better than always answering the largest class."""
+    total = confusion.sum().item()
+    if not total:
+        return None
+    predicted = confusion.sum(0)
+    top = predicted.argmax().item()
+    if predicted[top].item() >= 0.95 * total:
+        return f"{predicted[top].item()} of {total} validation images are predicted as '{printable(classes[top])}'"
+    largest = confusion.sum(1).max().item() / total
+    accuracy = confusion.trace().item() / total
+    if accuracy <= largest + 0.02:
+        return f"validation top-1 {accuracy:.2f} is no better than always answering the largest class ({largest:.2f})"
+    return None
 
 
 @torch.inference_mode()
@@ -609,24 +693,31 @@ def save_figure(fig, path):
     pyplot().close(fig)
 
 
-def plot_curves(history, path):
+def plot_curves(history, path, num_classes):
+    """Loss, accuracy and learning rate per epoch, the best epoch marked; top-5 only where it can
+    be wrong (more than 5 classes)."""
     plt = pyplot()
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.6))
+    best = max(history, key=lambda r: r["val_top1"])  # the first of equals, as best.pth keeps it
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.9))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
     ax_loss.set(title="loss", xlabel="epoch")
-    ax_loss.legend()
     ax_acc.plot(epochs, [r["val_top1"] for r in history], "o-", label="top-1")
-    ax_acc.plot(epochs, [r["val_top5"] for r in history], "o-", label="top-5")
+    if num_classes > 5:
+        ax_acc.plot(epochs, [r["val_top5"] for r in history], "o-", label="top-5")
+    ax_acc.plot([best["epoch"]], [best["val_top1"]], "*", color="crimson", markersize=14,
+                label=f"best: epoch {best['epoch']}, {best['val_top1']:.3f}")
     ax_acc.set(title="validation accuracy", xlabel="epoch", ylim=(0, 1.02))
-    ax_acc.legend()
     ax_lr.plot(epochs, [r["lr"] for r in history], "o-")
     ax_lr.set(title="learning rate (end of epoch)", xlabel="epoch")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.axvline(best["epoch"], color="crimson", alpha=0.25, linestyle="--")
+    for ax in (ax_loss, ax_acc):  # below the axes, never over the curves
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False, fontsize=8)
     save_figure(fig, path)
 
 
@@ -660,6 +751,6 @@ def plot_class_distribution(split, path):
     ax.bar(range(n), val, bottom=train, label=f"validation ({sum(val)})")
     ax.set_xticks(range(n))
     ax.set_xticklabels([printable(c) for c in split.classes], rotation=90 if n > 8 else 0)
-    ax.set(ylabel="images", title="images per class")
-    ax.legend()
+    ax.set(xlabel="class", ylabel="images", title="images per class")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # beside the bars, not on them
     save_figure(fig, path)

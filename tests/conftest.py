@@ -29,6 +29,25 @@ def copy_digits(dest, classes=("0", "1", "2"), per_class=10):
     return str(dest)
 
 
+def repository_state():
+    """What a test must not change: git's view of the working tree and every file under weights/."""
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                            capture_output=True, text=True).stdout
+    runs = sorted(os.path.relpath(os.path.join(d, f), ROOT)
+                  for d, _, files in os.walk(os.path.join(ROOT, "weights")) for f in files)
+    return status, runs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_left_as_it_was():
+    """The suite writes only under its temporary folders, never into the repository (a user's
+    weights/ least of all): the tree is the same after every test as before the first."""
+    before = repository_state()
+    yield
+    after = repository_state()
+    assert after == before, f"the tests changed the repository:\n{after}\nwas:\n{before}"
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     return copy_digits(tmp_path / "tiny")

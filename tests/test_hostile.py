@@ -36,27 +36,41 @@ def make_class(folder, n, value=0):
 
 def test_symlink_loops_and_shared_files_count_each_real_file_once(tmp_path, capsys):
     """Links back up the tree (self -> ., up -> .., top -> ../..), a class folder linked from
-    outside, a link to another class's folder and a link to another class's file: every real file
-    is counted once, in one class, in train or val but never both; each dropped path is named."""
+    outside, links to another class's folder, sub-folder and file in either sorting order, and two
+    links to one outside file: every real file is counted once, in the class whose folder holds
+    it, in train or val but never both; each link left out is named."""
     root = tmp_path / "data"
     make_class(root / "a", 6)
-    make_class(root / "b", 6, value=5)
+    make_class(root / "b", 4, value=5)
+    make_class(root / "b" / "sub", 2, value=3)
     make_class(tmp_path / "elsewhere", 6, value=7)
+    png(tmp_path / "outside.png")
     os.symlink(".", root / "a" / "self")
     os.symlink("..", root / "a" / "up")
     os.symlink("../..", root / "b" / "top")
+    os.symlink("../b/sub", root / "a" / "into_b")  # "a" is walked first: b's images stay b's
+    os.symlink("../b/0.png", root / "a" / "b_file.png")
     os.symlink("../a", root / "b" / "to_a")
-    os.symlink(tmp_path / "elsewhere", root / "c")  # users link class folders in: that is a class
     os.symlink("../a/0.png", root / "b" / "zz_link.png")
+    os.symlink(tmp_path / "elsewhere", root / "c")  # users link class folders in: that is a class
+    for name in ("x.png", "y.png"):
+        os.symlink(tmp_path / "outside.png", root / "a" / name)
     split = utils.read_split_data(str(root), 0.5, seed=0)
     assert split.classes == ["a", "b", "c"]
     images = split.train_images + split.val_images
-    assert len(images) == 18 and len({os.path.realpath(p) for p in images}) == 18
+    reals = [os.path.realpath(p) for p in images]
+    assert len(images) == 19 and len(set(reals)) == 19  # 6 + 6 + 6 + outside.png once
     assert not {os.path.realpath(p) for p in split.train_images} & {os.path.realpath(p) for p in split.val_images}
-    labels = dict(zip(images, split.train_labels + split.val_labels))
-    assert all(labels[p] == 0 for p in images if os.path.realpath(p).startswith(str(root / "a")))
-    assert [p for p, _ in split.broken] == [str(root / "b" / "zz_link.png")]
-    assert "the same file as" in capsys.readouterr().err
+    base = os.path.realpath(tmp_path)
+    owner = {"data/a": 0, "outside.png": 0, "data/b": 1, "elsewhere": 2}  # where each real file lies
+    for real, label in zip(reals, split.train_labels + split.val_labels):
+        place = os.path.relpath(real, base)
+        assert label == next(v for k, v in owner.items() if place.startswith(k)), (place, label)
+    left_out = {os.path.basename(p): why for p, why in split.broken}
+    assert set(left_out) == {"up", "top", "into_b", "b_file.png", "to_a", "zz_link.png", "y.png"}
+    assert "class folder 'b'" in left_out["into_b"] and "class folder 'a'" in left_out["zz_link.png"]
+    assert "back up" in left_out["up"] and "the same file as" in left_out["y.png"]
+    assert "left out" in capsys.readouterr().err
 
 
 def test_fifo_named_like_an_image_is_never_opened(tmp_path):
@@ -289,7 +303,7 @@ def test_disk_full_is_one_line_with_the_resume_command(tiny_data, tmp_path):
     result = run_patched(tmp_path, patch, "--data-path", tiny_data, "--output-dir", run, *FAST)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     message = result.stderr.strip().splitlines()[-1]
-    assert "No space left on device" in message and "last.pth" in message and "holds epoch 0" in message
+    assert "No space left on device" in message and "last.pth" in message and "no epoch finished yet" in message
     assert f"train.py --resume {run / 'last.pth'}" in message
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 0
 

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import time
 
 import matplotlib
 import pytest
@@ -119,3 +120,23 @@ def test_csv_and_plot_outputs(trained, tmp_path):
     assert rows[0] == "path,class1,prob1,class2,prob2,error" and len(rows) == 11
     with Image.open(tmp_path / "p.png") as img:
         assert img.format == "PNG" and img.width > 500
+
+
+def test_a_folder_run_ends_with_a_summary_and_names_what_it_wrote(trained, tmp_path):
+    data, run = trained
+    out = run_script("predict.py", data, "--weights", run / "best.pth", "--csv", tmp_path / "p.csv",
+                     "--plot", tmp_path / "p.png", "--plot-limit", "4")
+    n = len(out.stdout.splitlines())
+    lines = out.stderr.strip().splitlines()
+    assert lines[-2].startswith(f"{n} inputs: {n} predicted as ")
+    assert lines[-1] == f"wrote {tmp_path / 'p.csv'} ({n} rows), {tmp_path / 'p.png'} (first 4 of {n} images)"
+
+
+def test_missing_weights_names_the_newest_run(tmp_path):
+    for name in ("b0-old", "b0-new"):
+        (tmp_path / "weights" / name).mkdir(parents=True)
+        (tmp_path / "weights" / name / "best.pth").write_bytes(b"x")
+        time.sleep(0.05)
+    result = run_script("predict.py", "photo.jpg", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert os.path.join("weights", "b0-new", "best.pth") in result.stderr.splitlines()[-1]

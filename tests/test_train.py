@@ -171,3 +171,77 @@ def test_checkpoints_of_format_1_predict_and_resume(tiny_data, tmp_path):
     result = run_script("predict.py", tiny_data, "--weights", tmp_path / "future.pth", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "future.pth" in result.stderr and "newer version" in result.stderr
+
+
+# ---- what a newcomer sees ---------------------------------------------------------------------
+
+def test_not_learning_is_said_with_what_to_try():
+    """learning_problem: a healthy confusion matrix says nothing; one class taking all predictions,
+    or top-1 no better than the largest class, is named."""
+    import utils
+    classes = ["cat", "dog", "fox"]
+    healthy = torch.tensor([[8, 1, 1], [1, 9, 0], [0, 2, 8]])
+    assert utils.learning_problem(healthy, classes) is None
+    one_class = torch.tensor([[10, 0, 0], [10, 0, 0], [9, 0, 1]])
+    assert "29 of 30 validation images are predicted as 'cat'" in utils.learning_problem(one_class, classes)
+    chance = torch.tensor([[4, 3, 3], [4, 3, 3], [3, 4, 3]])  # top-1 0.33, as guessing
+    assert "no better than always answering the largest class" in utils.learning_problem(chance, classes)
+
+
+def test_a_run_that_learned_nothing_says_so(tiny_data, tmp_path):
+    """One epoch at 32 px learns nothing on 3 classes: the run still succeeds, but says so with
+    advice; in a log file (no terminal) progress lines come between the epoch lines, and each
+    epoch line gives the time the whole run has left."""
+    result = run_script("train.py", "--data-path", tiny_data, "--output-dir", tmp_path / "run", *FAST,
+                        "--log-interval", "0")
+    assert "epoch 1  step 1/3  loss" in result.stderr and "epoch ends in" in result.stderr
+    assert "run ends in" in result.stdout.split("epoch 1/2")[1].splitlines()[0]
+    assert "top-5" not in result.stdout  # 3 classes: top-5 is always 1.0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("warning: the model has not learned to tell the classes apart")
+    assert "--epochs" in last and "--weights" in last and "--lr" in last
+
+
+def test_typos_in_flags_are_not_taken_for_other_flags(tiny_data):
+    result = run_script("train.py", "--data-path", tiny_data, "--epoch", "3", check=False)
+    assert result.returncode == 2 and "did you mean --epochs?" in result.stderr
+    result = run_script("train.py", "--data-path", tiny_data, "--img_size", "64", check=False)
+    assert result.returncode == 2 and "did you mean --img-size?" in result.stderr
+    result = run_script("predict.py", tiny_data, "--weight", "x.pth", check=False)
+    assert result.returncode == 2 and "did you mean --weights?" in result.stderr
+
+
+def help_entries(text):
+    """{flag: its help text} from --help output."""
+    entries, flag = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif flag and line.startswith("     "):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return entries
+
+
+def test_help_gives_each_default_once():
+    """Every flag's help names its default at most once, and the flags come in groups."""
+    text = run_script("train.py", "--help").stdout
+    entries = help_entries(text)
+    assert len(entries) > 30
+    doubled = [flag for flag, entry in entries.items() if entry.count("default") > 1]
+    assert doubled == []
+    for flag in ("--img-size", "--lr", "--weight-decay", "--epochs"):
+        assert entries[flag].count("default") == 1, entries[flag]
+    assert all(group in text for group in ("data:", "model:", "optimisation:", "augmentation:", "run:"))
+
+
+def test_interrupt_before_any_epoch_finished_says_so(tiny_data, tmp_path):
+    from test_hostile import interrupted_in
+    run = tmp_path / "run"
+    result = interrupted_in("train_one_epoch", tmp_path, "--data-path", tiny_data, "--output-dir", run, *FAST)
+    assert result.returncode == 130 and "no epoch finished yet" in result.stderr
+    assert "holds epoch 0" not in result.stderr
+    result = run_script("train.py", "--resume", run / "last.pth", "--epochs", "1")
+    assert "at epoch 1 (no epoch had finished)" in result.stdout and "-1.0000" not in result.stdout
