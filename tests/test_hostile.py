@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import predict as predict_script
 import train as train_script
 import utils
 from conftest import FAST, ROOT, copy_digits, run_script
@@ -143,8 +144,7 @@ def test_batch_size_1_trains_and_is_refused_where_batchnorm_cannot(tiny_data, tm
     run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--img-size", "48",
                "--batch-size", "1", "--epochs", "1")
     last = torch.load(out / "last.pth", weights_only=True)
-    assert last["scheduler"]["last_epoch"] == 24  # 3 classes x 8 training images
-    assert_user_error(train("--data-path", tiny_data, *FAST, "--batch-size", "1"), "--batch-size 1", "--img-size")
+    assert last["scheduler"]["last_epoch"] == 24  # 3 classes x 8 training images (32 px: see above)
 
 
 def test_diverging_run_stops_with_exit_1_and_resumes_with_a_lower_lr(tiny_data, tmp_path):
@@ -167,28 +167,41 @@ def test_diverging_run_stops_with_exit_1_and_resumes_with_a_lower_lr(tiny_data, 
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
-def test_weights_with_nan_are_refused(tmp_path, tiny_data):
+def test_weights_with_nan_are_refused(tmp_path):
+    """What predict.py and --weights read with: a file with a NaN is refused by name."""
     sd = train_script.create_model("b0", 3).state_dict()
     sd["features.top.0.weight"][0, 0] = float("nan")
     torch.save(sd, tmp_path / "nan.pth")
-    assert_user_error(run_script("predict.py", tiny_data, "--weights", tmp_path / "nan.pth", check=False),
-                      "nan.pth", "NaN or infinite")
+    with pytest.raises(train_script.WeightsError, match="nan.pth holds NaN or infinite values"):
+        predict_script.load_model(str(tmp_path / "nan.pth"))
 
 
-def test_eval_only_needs_weights(tiny_data):
-    assert_user_error(train("--data-path", tiny_data, *FAST, "--eval-only"), "--eval-only", "--weights")
+def flag_error(argv, capsys):
+    """The one-line message train.py's parser and check_args give for `argv` (exit code 2)."""
+    parser = train_script.get_args_parser()
+    with pytest.raises(SystemExit) as exit_:
+        train_script.check_args(parser, parser.parse_args(argv))
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("flags, words", [
     (["--label-smoothing", "5"], ["--label-smoothing", "below 1"]),
     (["--seed", str(2**70)], ["--seed"]),
     (["--seed", "-1"], ["--seed"]),
-    (["--device", "meta"], ["--device meta", "cpu"]),
     (["--lrf", "50"], ["--lrf", "between 0 and 1"]),
     (["--lr", "0"], ["--lr", "more than 0"]),
+    (["--eval-only"], ["--eval-only", "--weights"]),
+    (["--batch-size", "1", "--img-size", "32"], ["--batch-size 1", "--img-size"]),
 ])
-def test_out_of_range_flags_are_refused(tiny_data, flags, words):
-    assert_user_error(train("--data-path", tiny_data, *FAST, *flags), *words)
+def test_out_of_range_flags_are_refused(flags, words, capsys):
+    message = flag_error(flags, capsys)
+    assert all(word in message for word in words), message
+
+
+def test_a_device_that_cannot_train_is_refused():
+    with pytest.raises(utils.UsageError, match="--device meta is not a device to train or predict on"):
+        utils.choose_device("meta")
 
 
 # ---- exact resume -------------------------------------------------------------------------------
@@ -197,7 +210,7 @@ def test_kill_9_and_resume_is_exact_with_two_workers(tmp_path):
     """With --workers 2, a run killed after epoch 1 and resumed ends with exactly the weights and
     losses of an uninterrupted run: shuffle order and augmentation depend on seed, epoch and image."""
     data = copy_digits(tmp_path / "data", per_class=8)
-    flags = ["--data-path", data, "--img-size", "32", "--batch-size", "6", "--workers", "2", "--epochs", "3"]
+    flags = ["--data-path", data, "--img-size", "32", "--batch-size", "6", "--workers", "2", "--epochs", "2"]
     run_script("train.py", *flags, "--output-dir", tmp_path / "whole")
     proc = start([*flags, "--output-dir", tmp_path / "cut"])
     wait_for_epoch(tmp_path / "cut", 1, proc)
@@ -265,7 +278,7 @@ def test_signal_during_start_up_leaves_no_half_made_run_folder(tiny_data, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.5, 3.0])
+@pytest.mark.parametrize("delay", [0.5, 2.5])
 def test_real_signals_at_any_moment_of_start_up(tiny_data, tmp_path, delay):
     """SIGINT at some moment of start-up (imports, the scan, the model, the first save): no
     traceback, and any run folder left behind can be resumed."""
@@ -280,10 +293,10 @@ def test_real_signals_at_any_moment_of_start_up(tiny_data, tmp_path, delay):
 def test_signal_while_drawing_the_final_plots(tiny_data, tmp_path):
     """Ctrl-C after the last epoch, while the last plots are drawn: the run is complete and says so."""
     result = interrupted_in("plot_confusion", tmp_path, "--data-path", tiny_data, "--output-dir", tmp_path / "run",
-                            *FAST)
+                            *FAST, "--epochs", "1")
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
     assert "the run is complete" in result.stderr
-    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["epoch"] == 2
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["epoch"] == 1
 
 
 def test_disk_full_is_one_line_with_the_resume_command(tiny_data, tmp_path):
@@ -309,9 +322,8 @@ def test_disk_full_is_one_line_with_the_resume_command(tiny_data, tmp_path):
 
 
 def test_a_failed_start_leaves_no_run_folder(tiny_data, tmp_path):
-    for _ in range(2):
-        assert_user_error(train("--data-path", tiny_data, *FAST, "--weights", tmp_path / "nope.pth", cwd=tmp_path),
-                          "nope.pth")
+    assert_user_error(train("--data-path", tiny_data, *FAST, "--weights", tmp_path / "nope.pth", cwd=tmp_path),
+                      "nope.pth")
     assert not (tmp_path / "weights").exists()
 
 
@@ -352,11 +364,11 @@ def test_predict_checks_its_output_paths_before_predicting(tiny_data, tmp_path):
     result = run_script("predict.py", tiny_data, "--weights", weights, "--csv", tmp_path / "no" / "p.csv", check=False)
     assert_user_error(result, "--csv", "does not exist")
     assert result.stdout == ""  # nothing was predicted first
-    assert_user_error(run_script("predict.py", tiny_data, "--weights", weights, "--plot", tmp_path, check=False),
-                      "--plot", "is a folder")
+    with pytest.raises(utils.UsageError, match="--plot .* is a folder"):
+        predict_script.check_output_file(str(tmp_path), "--plot")
 
 
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644)])
 def test_output_files_honour_the_umask(tiny_data, tmp_path, umask, mode):
     out = tmp_path / "run"
     cmd = f"umask {umask:03o} && {sys.executable} {os.path.join(ROOT, 'train.py')} --data-path {tiny_data} " \

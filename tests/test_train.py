@@ -202,13 +202,21 @@ def test_a_run_that_learned_nothing_says_so(tiny_data, tmp_path):
     assert "--epochs" in last and "--weights" in last and "--lr" in last
 
 
-def test_typos_in_flags_are_not_taken_for_other_flags(tiny_data):
-    result = run_script("train.py", "--data-path", tiny_data, "--epoch", "3", check=False)
-    assert result.returncode == 2 and "did you mean --epochs?" in result.stderr
-    result = run_script("train.py", "--data-path", tiny_data, "--img_size", "64", check=False)
-    assert result.returncode == 2 and "did you mean --img-size?" in result.stderr
-    result = run_script("predict.py", tiny_data, "--weight", "x.pth", check=False)
-    assert result.returncode == 2 and "did you mean --weights?" in result.stderr
+@pytest.mark.parametrize("script, argv, suggestion", [
+    ("train", ["--epoch", "3"], "--epochs"),
+    ("train", ["--img_size", "64"], "--img-size"),
+    ("predict", ["photo.jpg", "--weight", "x.pth"], "--weights"),
+    ("predict", ["photo.jpg", "--top-k", "3"], "--topk"),
+])
+def test_typos_in_flags_are_not_taken_for_other_flags(script, argv, suggestion, capsys):
+    """No abbreviations (--epoch is not --epochs), and the close flag is suggested."""
+    import predict
+    import train
+    parser = {"train": train, "predict": predict}[script].get_args_parser()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(argv)
+    assert exit_.value.code == 2
+    assert f"(did you mean {suggestion}?)" in capsys.readouterr().err
 
 
 def help_entries(text):
@@ -227,7 +235,8 @@ def help_entries(text):
 
 def test_help_gives_each_default_once():
     """Every flag's help names its default at most once, and the flags come in groups."""
-    text = run_script("train.py", "--help").stdout
+    import train
+    text = train.get_args_parser().format_help()
     entries = help_entries(text)
     assert len(entries) > 30
     doubled = [flag for flag, entry in entries.items() if entry.count("default") > 1]
