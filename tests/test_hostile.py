@@ -1,7 +1,6 @@
 """Hostile folders, bad flags and unlucky signals: data that must not be silently wrong, failed
 runs that must not look like successes, and starts and stops that leave nothing broken behind."""
 import argparse
-import errno
 import json
 import os
 import signal
