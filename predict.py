@@ -58,7 +58,7 @@ def expand_paths(patterns):
         elif os.path.isfile(pattern):
             matches = [pattern]
         elif os.path.exists(pattern):
-            matches, problems = [], problems + [(pattern, "not a regular file (a FIFO, socket or device); not opened")]
+            problems.append((pattern, "not a regular file (a FIFO, socket or device); not opened"))
             continue
         else:
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))

@@ -448,11 +448,13 @@ def fit(args, models, data, optimization, progress, meta, device):
             utils.print0(epoch_line(args, row, progress["history"], len(classes), problem if stuck >= 2 else None))
         finish(args, progress, classes)
     except KeyboardInterrupt:
-        return stopped(args, done, "interrupted")
+        return interrupted(args, done)
     except utils.NonFiniteLossError as e:
-        return stopped(args, done, f"error: {e}; stopped")
+        return failed(args, done, f"{e}; stopped", "resume with a lower --lr, --clip-grad 1 or --amp off (all "
+                      f"taken on --resume): {resume_command(args)} --lr ...")
     except OSError as e:  # a full disk, a folder that went away: the files written before are whole
-        return stopped(args, done, f"error: cannot write {e.filename or 'to ' + args.output_dir} ({e.strerror})")
+        return failed(args, done, f"cannot write {e.filename or 'to ' + args.output_dir} ({e.strerror})",
+                      f"free some space, then resume with: {resume_command(args)}")
     return 0
 
 
@@ -485,25 +487,30 @@ def finish(args, progress, classes):
                      file=sys.stderr)
 
 
-def stopped(args, done, why):
-    """Tell how to go on after a run stopped after epoch `done`; the exit code."""
-    last = os.path.join(args.output_dir, "last.pth")
+def resume_command(args):
     world = utils.world_size()
-    resume = f"{'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train.py --resume {last}"
-    if why == "interrupted":
-        if done >= args.epochs:  # while the last plots were drawn
-            utils.print0(f"\ninterrupted after the last epoch; {last} holds epoch {done}: the run is complete",
-                         file=sys.stderr)
-        else:
-            holds = f"{last} holds epoch {done}" if done else "no epoch finished yet"
-            utils.print0(f"\ninterrupted in epoch {done + 1}; {holds}. Resume with:\n  {resume}", file=sys.stderr)
-        return 130
-    if why.startswith("error: cannot write"):
-        advice = f"free some space, then resume with: {resume}"
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
+    return f"{launcher} train.py --resume {os.path.join(args.output_dir, 'last.pth')}"
+
+
+def interrupted(args, done):
+    """Tell how to go on after Ctrl-C or SIGTERM in epoch done + 1 (or after the last); exit code 130."""
+    last = os.path.join(args.output_dir, "last.pth")
+    if done >= args.epochs:  # while the last plots were drawn
+        utils.print0(f"\ninterrupted after the last epoch; {last} holds epoch {done}: the run is complete",
+                     file=sys.stderr)
     else:
-        advice = f"resume with a lower --lr, --clip-grad 1 or --amp off (all taken on --resume): {resume} --lr ..."
+        holds = f"{last} holds epoch {done}" if done else "no epoch finished yet"
+        utils.print0(f"\ninterrupted in epoch {done + 1}; {holds}. Resume with:\n  {resume_command(args)}",
+                     file=sys.stderr)
+    return 130
+
+
+def failed(args, done, error, advice):
+    """One line for a run that cannot go on: what failed, what last.pth holds, what to do; exit code 1."""
+    last = os.path.join(args.output_dir, "last.pth")
     holds = f"{last} holds epoch {done}" if done else f"no epoch finished yet ({last} holds the start)"
-    utils.print0(f"{why}. {holds}; {advice}", file=sys.stderr)
+    utils.print0(f"error: {error}. {holds}; {advice}", file=sys.stderr)
     return 1
 
 
