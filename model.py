@@ -239,9 +239,10 @@ def _bn_stats_frozen(module):
             m.num_batches_tracked.copy_(tracked)
 
 
-def efficientnet(name, num_classes=1000, **options):
+def efficientnet(name, num_classes=1000, dropout=None, **options):
+    """EfficientNet `name` with the variant's dropout before the classifier, or `dropout`."""
     v = VARIANTS[variant_name(name)]
-    return EfficientNet(v.width, v.depth, v.dropout, num_classes, **options)
+    return EfficientNet(v.width, v.depth, v.dropout if dropout is None else dropout, num_classes, **options)
 
 
 def efficientnet_b0(num_classes=1000, **options): return efficientnet("b0", num_classes, **options)
@@ -350,7 +351,7 @@ def create_model(name="b0", num_classes=1000, weights=None, verbose=True, **opti
     """EfficientNet `name` ('b0'..'b7'), optionally loaded from `weights`: a path, or a loaded file
     (a state_dict or a checkpoint) in torchvision's, the tutorial's or this repo's format. A file
     with another class count gets a fresh classifier; anything else that does not fit is a
-    WeightsError. `options` go to EfficientNet: drop_path_rate, bn_eps, grad_checkpointing, lean."""
+    WeightsError. `options` go to efficientnet(): dropout, drop_path_rate, bn_eps, grad_checkpointing, lean."""
     name = variant_name(name)
     if weights is None:
         return efficientnet(name, num_classes, **options)

@@ -84,12 +84,35 @@ def seeded(seed):
         rng.set_state(state)
 
 
+class PackedPaths:
+    """A read-only list of file paths kept as one block of bytes and a table of offsets: two
+    objects however many paths. A list of a million str objects costs about 2x the memory, and
+    each DataLoader worker that reads it ends up with a copy of its own (reading a Python object
+    writes its reference count, and that copies the page)."""
+
+    def __init__(self, paths):
+        encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
+        self.data = b"".join(encoded)
+        self.ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        end = int(self.ends[i])
+        start = int(self.ends[i - 1]) if i % len(self) else 0
+        return self.data[start:end].decode("utf-8", "surrogateescape")
+
+
 class MyDataSet(Dataset):
     def __init__(self, images_path, images_class, transform=None, draft_size=None):
-        self.images_path = list(images_path)
-        self.images_class = list(images_class)
+        self.images_path = PackedPaths(images_path)
+        self.images_class = torch.as_tensor(list(images_class), dtype=torch.int64)
         self.transform = transform
         self.draft_size = draft_size
+        self.warned = set()  # unreadable files this process has named already
 
     def __len__(self):
         return len(self.images_path)
@@ -102,13 +125,15 @@ class MyDataSet(Dataset):
         path = self.images_path[index]
         try:
             img = load_rgb(path, self.draft_size)
-        except Exception as e:  # truncated or corrupt data that the start-up scan could not see
-            print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+        except Exception as e:  # broken, truncated or gone since the folder was listed
+            if path not in self.warned:
+                self.warned.add(path)
+                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
             return None
         if self.transform is not None:
             with seeded(seed):
                 img = self.transform(img)
-        return img, self.images_class[index]
+        return img, int(self.images_class[index])
 
     @staticmethod
     def collate_fn(batch):

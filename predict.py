@@ -20,6 +20,7 @@ import sys
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 import checkpoint
 import utils
@@ -207,71 +208,106 @@ def main(args):
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
                         collate_fn=ImagePaths.collate, pin_memory=device.type == "cuda")
 
-    results = [{"path": p, "error": e} for p, e in missing]
-    for r in results:
-        show(r, args)
-    for i, probs, classes in predict(model, loader, device, topk, args.amp):
-        if classes is None:
-            results.append({"path": paths[i], "error": probs})
-        else:
-            results.append({"path": paths[i], "topk": [{"index": c, "class": names[c], "prob": round(p, 6)}
-                                                        for p, c in zip(probs, classes)]})
-        show(results[-1], args)
-    wrote = []
-    if args.csv:
-        write_csv(args.csv, results, topk)
-        wrote.append(f"{args.csv} ({len(results)} rows)")
+    def results():
+        yield from ({"path": p, "error": e} for p, e in missing)
+        for i, probs, classes in predict(model, loader, device, topk, args.amp):
+            if classes is None:
+                yield {"path": paths[i], "error": probs}
+            else:
+                yield {"path": paths[i], "topk": [{"index": c, "class": names[c], "prob": round(p, 6)}
+                                                  for p, c in zip(probs, classes)]}
+
+    tally = Tally(args.plot_limit if args.plot else 0)
+    if args.csv:  # rows go to the file as they come; it replaces the old one when the last is written
+        checkpoint.atomic_write(args.csv, lambda f: report(results(), tally, args, topk, f, len(paths) + len(missing)))
+    else:
+        report(results(), tally, args, topk, None, len(paths) + len(missing))
+    wrote = [f"{args.csv} ({tally.total} rows)"] if args.csv else []
     if args.plot:
-        drawn = plot_predictions(results, args.plot, args.plot_limit)
-        predicted = sum("topk" in r for r in results)
+        drawn = plot_predictions(tally.shown, args.plot, args.plot_limit)
+        predicted = sum(tally.counts.values())
         wrote += [f"{args.plot} ({'all' if drawn == predicted else f'first {drawn} of'} {predicted} images)"] if drawn \
             else []
-    if len(results) > 1:
-        print(summary(results), file=sys.stderr)
+    if tally.total > 1:
+        print(tally.summary(), file=sys.stderr)
     if wrote:
         print(f"wrote {', '.join(wrote)}", file=sys.stderr)
-    return 1 if any("error" in r for r in results) else 0
+    return 1 if tally.failed else 0
 
 
-def summary(results):
-    """One line for a run over many images: how many, which classes, how many failed."""
-    counts = collections.Counter(r["topk"][0]["class"] for r in results if "topk" in r)
-    failed = sum("error" in r for r in results)
-    top = ", ".join(f"{utils.printable(name)}: {n}" for name, n in counts.most_common(5))
-    more = f", {len(counts) - 5} more" if len(counts) > 5 else ""
-    classes = f"{len(counts)} class{'es' if len(counts) != 1 else ''}"
-    return (f"{len(results)} inputs: {sum(counts.values())} predicted as {classes} ({top}{more})"
-            + (f", {failed} could not be read" if failed else ""))
+class Tally:
+    """What the end of a run needs to know, kept as the results stream past: counts per class, the
+    failures, and the first `keep` predicted results for --plot; never a list of all of them."""
+
+    def __init__(self, keep):
+        self.counts, self.failed, self.total, self.keep, self.shown = collections.Counter(), 0, 0, keep, []
+
+    def add(self, result):
+        self.total += 1
+        if "error" in result:
+            self.failed += 1
+            return
+        self.counts[result["topk"][0]["class"]] += 1
+        if len(self.shown) < self.keep:
+            self.shown.append(result)
+
+    def summary(self):
+        """One line for a run over many images: how many, which classes, how many failed."""
+        top = ", ".join(f"{utils.printable(name)}: {n}" for name, n in self.counts.most_common(5))
+        more = f", {len(self.counts) - 5} more" if len(self.counts) > 5 else ""
+        classes = f"{len(self.counts)} class{'es' if len(self.counts) != 1 else ''}"
+        return (f"{self.total} inputs: {sum(self.counts.values())} predicted as {classes} ({top}{more})"
+                + (f", {self.failed} could not be read" if self.failed else ""))
 
 
-def show(result, args):
+def report(results, tally, args, topk, csv_file, total):
+    """Each result to the terminal (or --json) and to the open --csv file as it comes, with a
+    progress bar and the time left on a terminal when there are many images."""
+    bar = tqdm(total=total, unit="img", desc="predict", leave=False, dynamic_ncols=True,
+               disable=None if total > args.batch_size else True)
+    if csv_file is not None:
+        csv_file.write(csv_header(topk).encode("utf-8"))
+    for result in results:
+        tally.add(result)
+        show(result, args, say if bar.disable else bar.write)
+        bar.update()
+        if csv_file is not None:
+            csv_file.write(csv_row(result, topk).encode("utf-8", "surrogateescape"))
+    bar.close()
+
+
+def say(text, file=sys.stdout):
+    print(text, file=file, flush=True)  # each line out as it comes, also into a pipe
+
+
+def show(result, args, say=say):
     if args.json:
         line = json.dumps(result, ensure_ascii=False)
         try:
             line.encode("utf-8")
         except UnicodeEncodeError:  # a file name that is not UTF-8: \u escapes keep it valid JSON
             line = json.dumps(result)
-        print(line, flush=True)
+        say(line)
     elif "error" in result:
-        print(f"{result['path']}: error: {result['error']}", file=sys.stderr)
+        say(f"{result['path']}: error: {result['error']}", file=sys.stderr)
     elif len(result["topk"]) == 1:
         top = result["topk"][0]
-        print(f"{result['path']}: {top['class']} ({top['prob']:.3f})")
+        say(f"{result['path']}: {top['class']} ({top['prob']:.3f})")
     else:
-        print(result["path"])
-        for rank, t in enumerate(result["topk"], 1):
-            print(f"  {rank}. {t['class']:<30} {t['prob']:.4f}")
+        say(result["path"] + "".join(f"\n  {rank}. {t['class']:<30} {t['prob']:.4f}"
+                                     for rank, t in enumerate(result["topk"], 1)))
 
 
-def write_csv(path, results, topk):
-    header = ["path"] + [f"{field}{k}" for k in range(1, topk + 1) for field in ("class", "prob")] + ["error"]
-    lines = [",".join(header)]
-    for r in results:
-        cells = [utils.csv_field(r["path"])]
-        for t in r.get("topk", [{"class": "", "prob": ""}] * topk):
-            cells += [utils.csv_field(t["class"]), str(t["prob"])]
-        lines.append(",".join(cells + [utils.csv_field(r.get("error", ""))]))
-    utils.atomic_write_text(path, "\n".join(lines) + "\n")
+def csv_header(topk):
+    return ",".join(["path"] + [f"{field}{k}" for k in range(1, topk + 1) for field in ("class", "prob")]
+                    + ["error"]) + "\n"
+
+
+def csv_row(result, topk):
+    cells = [utils.csv_field(result["path"])]
+    for t in result.get("topk", [{"class": "", "prob": ""}] * topk):
+        cells += [utils.csv_field(t["class"]), str(t["prob"])]
+    return ",".join(cells + [utils.csv_field(result.get("error", ""))]) + "\n"
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from my_dataset import MyDataSet  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 # flags a resumed run may change; the others come from the run itself
 RESUMABLE = ("epochs", "device", "workers", "data_path", "resume", "lr", "clip_grad", "amp")
+# what runs saved before these flags existed did; other new flags take their defaults on --resume
+BEFORE_FLAG = {"drop_path": 0.2, "precise_bn": 0}
 
 
 def get_args_parser():
@@ -46,6 +48,9 @@ def get_args_parser():
                       help="folder with one sub-folder per class (or train/ and val/ folders of those)")
     data.add_argument("--val-rate", type=float, default=0.2, help="fraction of each class held out for validation")
     data.add_argument("--seed", type=int, default=0, help="seed of the data split and of training")
+    data.add_argument("--balance", action="store_true",
+                      help="draw every class equally often in training (for folders with far more images of some "
+                           "classes than of others)")
 
     model = p.add_argument_group("model")
     model.add_argument("--model", default="b0", choices=list(VARIANTS), help="EfficientNet variant")
@@ -53,6 +58,11 @@ def get_args_parser():
                        help="training resolution (default: the variant's, 224 for b0)")
     model.add_argument("--weights", default=None,
                        help="initial weights: torchvision's or the tutorial's file, or a checkpoint")
+    model.add_argument("--dropout", type=float, default=None,
+                       help="dropout before the classifier (default: the variant's, 0.2 for b0 to 0.5 for b7)")
+    model.add_argument("--drop-path", type=float, default=0.0,
+                       help="stochastic depth: the rate at which the deepest block is skipped; the paper's 0.2 is "
+                            "for long runs on large data (see README)")
     model.add_argument("--freeze-layers", action="store_true",
                        help="train only the last conv block (features.top) and the classifier")
 
@@ -69,9 +79,13 @@ def get_args_parser():
                        help="weight decay, not applied to BatchNorm and biases (default: adamw 0.05, else 1e-5)")
     optim.add_argument("--warmup-epochs", type=float, default=0.2, help="linear learning-rate warm-up, in epochs")
     optim.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
-    optim.add_argument("--ema", action="store_true",
-                       help="keep an exponential moving average of the weights; it is what gets evaluated and saved")
+    optim.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep an exponential moving average of the weights; it is what gets evaluated and saved "
+                            "(--no-ema: the weights as trained)")
     optim.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per optimizer step")
+    optim.add_argument("--precise-bn", type=int, default=512, metavar="N",
+                       help="before each validation, re-estimate BatchNorm statistics on (at most) N training images "
+                            "seen as validation sees them, so they fit the weights evaluated (0: off)")
     optim.add_argument("--grad-accum", type=int, default=1, help="accumulate gradients over this many batches")
     optim.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
 
@@ -80,6 +94,17 @@ def get_args_parser():
                          help="area range of RandomResizedCrop")
     augment.add_argument("--no-hflip", action="store_true",
                          help="no random horizontal flips (for data where mirroring changes the class: digits, text)")
+    augment.add_argument("--auto-augment", default=None, choices=utils.AUTO_AUGMENT,
+                         help="augmentation policy: ta_wide (TrivialAugmentWide), ra (RandAugment), augmix (AugMix) "
+                              "or imagenet (AutoAugment's ImageNet policy)")
+    augment.add_argument("--ra-magnitude", type=int, default=9, help="strength of --auto-augment ra, 0 to 30")
+    augment.add_argument("--random-erase", type=float, default=0.0, metavar="P",
+                         help="erase a random rectangle of each training image with probability P")
+    augment.add_argument("--mixup-alpha", type=float, default=0.0, metavar="A",
+                         help="MixUp: blend pairs of images and their labels, the blend drawn from Beta(A, A)")
+    augment.add_argument("--cutmix-alpha", type=float, default=0.0, metavar="A",
+                         help="CutMix: paste a box of one image into another, labels mixed by area; with "
+                              "--mixup-alpha too, each batch gets one of the two")
 
     hardware = p.add_argument_group("hardware and speed")
     hardware.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
@@ -126,7 +151,8 @@ def check_args(p, args):
     lo, hi = args.crop_scale
     if not 0 < lo <= hi <= 1:
         p.error(f"--crop-scale needs 0 < MIN <= MAX <= 1 (got {lo} {hi})")
-    for flag in ("lr", "lrf", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad"):
+    for flag in ("lr", "lrf", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad", "mixup_alpha",
+                 "cutmix_alpha"):
         value = getattr(args, flag)
         if value is not None and (value < 0 or not math.isfinite(value)):
             p.error(f"--{flag.replace('_', '-')} must be a finite number >= 0 (got {value})")
@@ -136,6 +162,16 @@ def check_args(p, args):
         p.error(f"--lrf is the final learning rate as a fraction of --lr: between 0 and 1 (got {args.lrf})")
     if args.label_smoothing >= 1:
         p.error(f"--label-smoothing must be below 1 (got {args.label_smoothing}); 0.1 is usual")
+    for flag, top in (("dropout", 0.99), ("drop_path", 0.99), ("random_erase", 1)):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value <= top:
+            p.error(f"--{flag.replace('_', '-')} is a probability, from 0 to {top} (got {value})")
+    if not 0 <= args.ra_magnitude <= 30:
+        p.error(f"--ra-magnitude must be between 0 and 30 (got {args.ra_magnitude}); 9 is usual")
+    if args.ra_magnitude != 9 and args.auto_augment != "ra":
+        p.error("--ra-magnitude is the strength of RandAugment: use it with --auto-augment ra")
+    if not 0 <= args.precise_bn:
+        p.error(f"--precise-bn is a number of images, 0 or more (got {args.precise_bn})")
     if not 0 < args.ema_decay < 1:
         p.error(f"--ema-decay must be between 0 and 1 (got {args.ema_decay})")
     if not 0 <= args.seed < 2**32:
@@ -193,7 +229,7 @@ def resume_args(args, parser):
     path = args.resume or os.path.join(args.output_dir or "", "last.pth")
     ckpt = checkpoint.load_resume(path)
     given = {k: v for k, v in vars(args).items() if k in RESUMABLE and v != parser.get_default(k)}
-    defaults = vars(parser.parse_args([]))
+    defaults = {**vars(parser.parse_args([])), **BEFORE_FLAG}
     restored = argparse.Namespace(**{**defaults, **ckpt["meta"]["args"], **given})
     restored.output_dir = os.path.dirname(path) or "."  # as the user wrote it: messages show the same path
     restored.resume, restored.eval_only = path, args.eval_only
@@ -204,28 +240,41 @@ def resume_args(args, parser):
     return restored, ckpt
 
 
-Data = namedtuple("Data", "split train_loader val_loader train_sampler")
+Data = namedtuple("Data", "split train_loader val_loader train_sampler bn_loader check")
 
 
 def build_data(args, device):
-    """The split of --data-path and its loaders; under torchrun each process gets its own part."""
+    """The split of --data-path and its loaders; under torchrun each process gets its own part.
+    The folder is read once, by rank 0; the headers of a large one are checked in the background."""
     rank, world = utils.rank(), utils.world_size()
     variant = VARIANTS[args.model]
-    split = utils.read_split_data(args.data_path, args.val_rate, args.seed)
+    split = utils.on_rank0(lambda: utils.read_split_data(args.data_path, args.val_rate, args.seed))
+    check = utils.BackgroundCheck(split.unchecked) if split.unchecked and rank == 0 else None
     train_set = MyDataSet(split.train_images, split.train_labels,
                           draft_size=utils.train_draft_size(args.img_size, args.crop_scale[0]),
-                          transform=utils.build_transform(variant, args.img_size, train=True,
-                                                          scale=tuple(args.crop_scale), hflip=not args.no_hflip))
+                          transform=utils.build_transform(
+                              variant, args.img_size, train=True, scale=tuple(args.crop_scale),
+                              hflip=not args.no_hflip, auto_augment=args.auto_augment,
+                              ra_magnitude=args.ra_magnitude, random_erase=args.random_erase))
     # validation decodes and resizes as predict.py does, so both see the same pixels
     val_set = MyDataSet(split.val_images, split.val_labels,
                         draft_size=utils.eval_draft_size(variant.eval_sizes(args.img_size)[0]),
                         transform=utils.build_transform(variant, args.img_size, train=False))
     # every validation image is evaluated exactly once across ranks: no padding, no duplicates
     val_part = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
-    train_sampler = utils.EpochSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    weights = utils.balanced_weights(split.train_labels) if args.balance else None
+    train_sampler = utils.EpochSampler(train_set, world, rank, shuffle=True, seed=args.seed, weights=weights)
     workers = utils.usable_workers(args.workers)
+    bn_loader = None
+    if args.precise_bn:  # a fixed sample of training images, decoded and resized as validation does
+        sample = torch.randperm(len(split.train_images), generator=torch.Generator().manual_seed(args.seed))
+        sample = sample[:args.precise_bn].tolist()[rank::world]
+        bn_set = torch.utils.data.Subset(MyDataSet(split.train_images, split.train_labels, val_set.transform,
+                                                   val_set.draft_size), sample)
+        bn_loader = utils.make_loader(bn_set, args.batch_size, False, workers, device)
     return Data(split, utils.make_loader(train_set, args.batch_size, True, workers, device, train_sampler),
-                utils.make_loader(val_part, args.batch_size, False, workers, device), train_sampler)
+                utils.make_loader(val_part, args.batch_size, False, workers, device), train_sampler, bn_loader,
+                check)
 
 
 # train: what the loop calls (DDP and/or compiled); raw: the plain model, saved in last.pth;
@@ -236,7 +285,8 @@ Models = namedtuple("Models", "train raw eval ema")
 def build_model(args, num_classes, ckpt, device):
     weights = ckpt if ckpt is not None else args.weights
     model = create_model(args.model, num_classes, weights=weights, verbose=utils.rank() == 0,
-                         grad_checkpointing=args.grad_checkpointing, lean=args.lean_activations)
+                         grad_checkpointing=args.grad_checkpointing, lean=args.lean_activations,
+                         dropout=args.dropout, drop_path_rate=args.drop_path)
     if args.freeze_layers:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(("features.top.", "classifier."))
@@ -265,12 +315,15 @@ def build_optimizer(args, model):
 
 
 def ema_update(decay):
-    """EMA step for AveragedModel. The decay warms up as (1 + n) / (10 + n), so on a short run the
-    average is not stuck near the random initial weights."""
+    """EMA step for AveragedModel. After n updates the decay is 1 - (1 + n) ** -0.75 (up to
+    `decay`): the average follows the weights closely at first, then spans more and more steps
+    (about 60 after 220 updates, the whole of a short run's last epochs), and reaches 0.999 after
+    10,000 updates. A short run is then neither stuck near the random initial weights nor at the
+    mercy of its last few steps."""
     @torch.no_grad()
     def update(averaged, current, num_averaged):
         n = float(num_averaged)
-        weight = 1 - min(decay, (1 + n) / (10 + n))
+        weight = 1 - min(decay, 1 - (1 + n) ** -0.75)
         for a, c in zip(averaged, current):
             if a.is_floating_point():
                 a.lerp_(c, weight)
@@ -416,14 +469,20 @@ def fit(args, models, data, optimization, progress, meta, device):
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
     done = progress["epoch"]  # the last epoch whose state last.pth holds
     stuck = 0  # epochs in a row whose validation says nothing has been learned
+    mix = utils.build_mix(args.mixup_alpha, args.cutmix_alpha, len(classes))
+    counts = torch.bincount(torch.as_tensor(data.split.train_labels), minlength=len(classes))
+    imbalanced = counts.max() >= 2 * counts.min()  # then each epoch shows every class's recall
     try:
         for epoch in range(progress["epoch"] + 1, args.epochs + 1):
             data.train_sampler.set_epoch(epoch)
             start = time.perf_counter()
             train_loss, rate = utils.train_one_epoch(models.train, criterion, optimizer, data.train_loader, device,
-                                                     epoch, args, scheduler, scaler, models.ema, is_main)
-            # BatchNorm statistics drift apart on each rank: evaluate (and save) rank 0's everywhere
-            utils.broadcast_buffers(models.eval)
+                                                     epoch, args, scheduler, scaler, models.ema, is_main, mix)
+            if data.bn_loader is not None:  # statistics that describe the weights being evaluated
+                plain = models.raw if models.ema is None else models.ema.module
+                utils.precise_bn(plain, data.bn_loader, device, args.channels_last, is_main)
+            else:  # BatchNorm statistics drift apart on each rank: evaluate (and save) rank 0's everywhere
+                utils.broadcast_buffers(models.eval)
             utils.check_finite(models.raw, epoch)
             result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last, is_main)
             if not math.isfinite(result["val_loss"]):
@@ -446,6 +505,12 @@ def fit(args, models, data, optimization, progress, meta, device):
                 utils.write_metrics(out("metrics.csv"), progress["history"])
                 utils.plot_curves(progress["history"], out("curves.png"), len(classes))
             utils.print0(epoch_line(args, row, progress["history"], len(classes), problem if stuck >= 2 else None))
+            if imbalanced:
+                utils.print0("  " + utils.recall_line(result["confusion"], classes))
+            if data.check is not None:  # a large folder's headers, read while this epoch ran
+                data.check.report()
+        if data.check is not None:
+            data.check.report(wait=True)
         finish(args, progress, classes)
     except KeyboardInterrupt:
         return interrupted(args, done)

@@ -10,6 +10,7 @@ import difflib
 import functools
 import json
 import math
+import multiprocessing
 import os
 import random
 import sys
@@ -155,7 +156,8 @@ def find_val_folder(root):
 
 
 def scan_classes(root):
-    """{class name: [usable image paths]} for the class folders under `root`, plus the broken files.
+    """{class name: [image paths]} for the class folders under `root`, plus the files left out.
+    Only folders are read here, no file is opened: check_images finds the broken ones.
 
     A class holds what its folder holds, links followed, but a link to another class's folder or
     file, or back up to the data folder, is not followed (the other class keeps what is its own,
@@ -189,32 +191,54 @@ def scan_classes(root):
     for name in names:
         folder = os.path.join(root, name)
         for path in list_images(folder, broken, foreign_to(name)):
-            real = os.path.realpath(path)
+            real = real_path(path)
             if real in first_path:
                 broken.append((path, f"the same file as {first_path[real]}; counted once"))
                 continue
             first_path[real] = path
-            reason = check_image(path)
-            if reason:
-                broken.append((path, reason))
-            else:
-                images.setdefault(name, []).append(path)
+            images.setdefault(name, []).append(path)
         if name not in images:
-            print(f"warning: class folder {folder} has no usable images; skipped", file=sys.stderr)
+            print(f"warning: class folder {folder} has no images; skipped", file=sys.stderr)
     return images, broken
 
 
-Split = namedtuple("Split", "train_images train_labels val_images val_labels classes broken")
+@functools.lru_cache(maxsize=4096)
+def real_folder(folder):
+    return os.path.realpath(folder)
 
 
-def read_split_data(root, val_rate=0.2, seed=0):
+def real_path(path):
+    """os.path.realpath, with the folder's part looked up once per folder rather than once per file."""
+    if os.path.islink(path):
+        return os.path.realpath(path)
+    folder, name = os.path.split(path)
+    return os.path.join(real_folder(folder), name)
+
+
+def check_images(paths):
+    """[(path, why)] for the files among `paths` that cannot be used as images (headers only)."""
+    return [(p, why) for p in paths if (why := check_image(p))]
+
+
+Split = namedtuple("Split", "train_images train_labels val_images val_labels classes broken unchecked")
+
+# Up to this many files, every header is read before training starts (about 0.1 s per 1,000 files).
+# A larger folder starts at once; its files are checked while the first epoch runs (train.py).
+CHECK_AT_START = 5000
+
+
+def read_split_data(root, val_rate=0.2, seed=0, check_at_start=None):
     """Find the images under `root` and split them into training and validation sets.
 
     `root` holds one folder per class (like torchvision's ImageFolder; classes in sorted order),
     or `train/` and `val/` folders that each hold the same class folders (used as they are).
     Otherwise each class is split on its own, so every class with two or more images has at least
     one validation image; the split depends only on `seed` and the file names, so it is the same
-    on every run and platform.
+    on every run and platform, and whether or when a broken file is found does not move the others.
+
+    Broken files (and links that are not followed) are named on stderr and left out. With more
+    than `check_at_start` files the headers are not read here: Split.unchecked lists the files
+    for check_images, and the data loader skips an unreadable file whenever it meets one.
     """
     val_root = find_val_folder(root)
     if val_root:
@@ -225,29 +249,37 @@ def read_split_data(root, val_rate=0.2, seed=0):
             raise DataError(f"{root}: train/ and {os.path.basename(val_root)}/ must hold the same class "
                             f"folders; only in train/: {sorted(set(train) - set(val)) or 'none'}, "
                             f"only in {os.path.basename(val_root)}/: {sorted(set(val) - set(train)) or 'none'}")
-        classes = sorted(train)
-        split = {c: (train[c], val[c]) for c in classes}
+        split = {c: (train[c], val[c]) for c in sorted(train)}
+        folders = (os.path.join(root, "train"), val_root)
     else:
         if not 0 < val_rate < 1:
             raise DataError(f"--val-rate must be between 0 and 1 (got {val_rate})")
         images, broken = scan_classes(root)
-        classes = sorted(images)
         split = {}
-        for c in classes:
+        for c in sorted(images):
             files = list(images[c])
             # seeded per class by name: adding a class does not reshuffle the others. The name's
             # bytes as on disk, so that names that are not UTF-8 work too (the same seed for those that are)
             random.Random(f"{seed}/{c}".encode("utf-8", "surrogateescape")).shuffle(files)
             n_val = min(len(files) - 1, max(1, round(len(files) * val_rate)))
             split[c] = (sorted(files[n_val:]), sorted(files[:n_val]))
+        folders = (root,)
+    everything = [p for tr, va in split.values() for p in tr + va]
+    limit = CHECK_AT_START if check_at_start is None else check_at_start
+    unchecked = everything if len(everything) > limit else []
+    if not unchecked:
+        bad = check_images(everything)
+        broken += bad
+        split = drop_files(split, {p for p, _ in bad}, folders)
     report_broken(broken)
+    classes = sorted(split)
     if len(classes) < 2:
         raise DataError(f"{root} has {len(classes)} usable class folder(s) ({', '.join(classes) or 'none'}); "
                         "a classifier needs at least 2: put each class's images in its own sub-folder")
     for c, (tr, va) in split.items():
         if not tr:
             raise DataError(f"class '{c}' in {root} has no training images; add images to it or remove it")
-    out = Split([], [], [], [], classes, broken)
+    out = Split([], [], [], [], classes, broken, unchecked)
     for label, c in enumerate(classes):
         tr, va = split[c]
         out.train_images.extend(tr)
@@ -258,6 +290,53 @@ def read_split_data(root, val_rate=0.2, seed=0):
         raise DataError(f"{root} leaves no images for validation: add a second image to some class "
                         "or a val/ folder")
     return out
+
+
+def drop_files(split, bad, folders):
+    """The split without the files in `bad`; a class left with no files at all is skipped."""
+    kept = {}
+    for c, (tr, va) in split.items():
+        tr, va = [p for p in tr if p not in bad], [p for p in va if p not in bad]
+        if tr or va:
+            kept[c] = (tr, va)
+        else:
+            where = " and ".join(os.path.join(folder, c) for folder in folders)
+            print(f"warning: class folder {where} has no usable images; skipped", file=sys.stderr)
+    return kept
+
+
+class BackgroundCheck:
+    """check_images over `paths` in a process of its own, at the lowest CPU priority, while training
+    goes on (a thread would compete with the training loop for Python's lock); report() names the
+    broken files in the same words as read_split_data would have, once, when the check is done."""
+
+    def __init__(self, paths):
+        context = multiprocessing.get_context("fork")  # the child has `paths` without a copy through a pipe
+        self.results, send = context.Pipe(duplex=False)
+        self.process = context.Process(target=self.check, args=(paths, send), daemon=True)
+        self.process.start()
+        send.close()
+        self.reported = False
+
+    @staticmethod
+    def check(paths, send):
+        os.nice(19)
+        send.send(check_images(paths))
+
+    def report(self, wait=False):
+        """The broken files, named on stderr, when the check has ended (or after waiting for it); None
+        while it runs, or after the first report."""
+        if self.reported or not (wait or self.results.poll()):
+            return None
+        self.reported = True
+        try:
+            broken = self.results.recv()
+        except EOFError:  # the checking process was killed: the loader still skips what it cannot read
+            return None
+        finally:
+            self.process.join()
+        report_broken(broken)
+        return broken
 
 
 def report_broken(broken):
@@ -285,17 +364,37 @@ def read_class_indices(path):
 # Transforms and loaders
 # ---------------------------------------------------------------------------------------------
 
-def build_transform(variant, img_size, train, scale=(0.08, 1.0), hflip=True, eval_sizes=None):
-    """Train: random resized crop (+ flip). Eval: resize then centre crop with the variant's crop
-    ratio, done on the uint8 tensor exactly as torchvision's own eval transform does it."""
+AUTO_AUGMENT = ("ta_wide", "ra", "augmix", "imagenet")
+
+
+def build_transform(variant, img_size, train, scale=(0.08, 1.0), hflip=True, eval_sizes=None,
+                    auto_augment=None, ra_magnitude=9, random_erase=0.0):
+    """Train: random resized crop, flip, an optional policy of AUTO_AUGMENT (TrivialAugmentWide,
+    RandAugment, AugMix or AutoAugment's ImageNet policy) and optional random erasing. Eval: resize
+    then centre crop with the variant's crop ratio, done on the uint8 tensor exactly as
+    torchvision's own eval transform does it."""
     interpolation = InterpolationMode(variant.interpolation)
     tail = [T.ToDtype(torch.float32, scale=True), T.Normalize(variant.mean, variant.std)]
     if train:
+        policy = {None: [], "ta_wide": [T.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR)],
+                  "ra": [T.RandAugment(magnitude=ra_magnitude, interpolation=InterpolationMode.BILINEAR)],
+                  "augmix": [T.AugMix(interpolation=InterpolationMode.BILINEAR)],
+                  "imagenet": [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, InterpolationMode.BILINEAR)]}
+        erase = [T.RandomErasing(random_erase, value=0)] if random_erase else []
         return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=interpolation, antialias=True),
-                          T.RandomHorizontalFlip(0.5 if hflip else 0.0), T.ToImage(), *tail])
+                          T.RandomHorizontalFlip(0.5 if hflip else 0.0), T.ToImage(), *policy[auto_augment],
+                          *tail, *erase])
     resize, crop = eval_sizes or variant.eval_sizes(img_size)
     return T.Compose([T.ToImage(), T.Resize(resize, interpolation=interpolation, antialias=True),
                       T.CenterCrop(crop), *tail])
+
+
+def build_mix(mixup_alpha, cutmix_alpha, num_classes):
+    """MixUp and/or CutMix for whole training batches (one of the two per batch when both are
+    asked for), or None. The labels they return are soft: CrossEntropyLoss takes them as they are."""
+    mixes = [mix(alpha=alpha, num_classes=num_classes)
+             for mix, alpha in ((T.MixUp, mixup_alpha), (T.CutMix, cutmix_alpha)) if alpha > 0]
+    return T.RandomChoice(mixes) if len(mixes) > 1 else mixes[0] if mixes else None
 
 
 def train_draft_size(img_size, min_scale):
@@ -313,11 +412,30 @@ class EpochSampler(torch.utils.data.DistributedSampler):
     """This process's share of a shuffled epoch (all of it in a single process), each index paired
     with the seed of its augmentation (see MyDataSet). Order and seeds are a function of --seed,
     the epoch and the index alone, never of what ran before, so a resumed run, or one with other
-    --workers, draws the same crops and flips as an uninterrupted one."""
+    --workers, draws the same crops and flips as an uninterrupted one. With `weights` (one per
+    image) the epoch is drawn with replacement in proportion to them, as WeightedRandomSampler
+    does, then shared out among the processes."""
+
+    def __init__(self, dataset, num_replicas, rank, shuffle=True, seed=0, weights=None):
+        super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=seed)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+
+    def indices(self):
+        if self.weights is None:
+            return super().__iter__()
+        drawn = torch.multinomial(self.weights, self.total_size, replacement=True,
+                                  generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(drawn[self.rank:self.total_size:self.num_replicas].tolist())
 
     def __iter__(self):
-        for index in super().__iter__():
+        for index in self.indices():
             yield index, ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63
+
+
+def balanced_weights(labels):
+    """One weight per image, 1 / (images of its class): every class is drawn equally often."""
+    counts = torch.bincount(torch.as_tensor(labels))
+    return (1.0 / counts.double())[torch.as_tensor(labels)]
 
 
 def make_loader(dataset, batch_size, train, workers, device, sampler=None):
@@ -435,6 +553,24 @@ def broadcast_buffers(model):
             dist.broadcast(buffer, 0)
 
 
+def on_rank0(fn):
+    """fn() run by rank 0 alone and its result given to every process, or its UsageError raised
+    in every process; just fn() in a single process."""
+    if not is_distributed():
+        return fn()
+    box = [None]
+    if rank() == 0:
+        try:
+            box[0] = (fn(), None)
+        except UsageError as e:
+            box[0] = (None, e)
+    dist.broadcast_object_list(box, 0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def all_reduce_sum(tensor):
     if is_distributed():
         dist.all_reduce(tensor)
@@ -487,9 +623,10 @@ def to_device(images, labels, device, channels_last):
 
 
 def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, scheduler, scaler, ema=None,
-                    show=True):
+                    show=True, mix=None):
     """One pass over `loader`; returns (mean loss over all ranks, images/s). The scheduler steps
-    once per optimizer step; from `args`: amp, grad_accum, clip_grad (0: off), channels_last."""
+    once per optimizer step; from `args`: amp, grad_accum, clip_grad (0: off), channels_last.
+    `mix` (MixUp or CutMix) blends each batch and turns its labels into soft targets."""
     model.train()
     for m in model.modules():  # frozen BatchNorm layers (--freeze-layers) keep their statistics too
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
@@ -506,6 +643,8 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
         if len(images) < smallest:  # unreadable files left less than BatchNorm needs
             continue
         images, labels = to_device(images, labels, device, args.channels_last)
+        if mix is not None and len(images) > 1:
+            images, labels = mix(images, labels)
         update = (step + 1) % grad_accum == 0 or step + 1 == len(loader)
         # DDP: only the last micro-batch of an accumulation step all-reduces gradients
         sync = model.no_sync() if hasattr(model, "no_sync") and not update else contextlib.nullcontext()
@@ -569,6 +708,34 @@ def learning_problem(confusion, classes):
 
 
 @torch.inference_mode()
+@torch.no_grad()
+def precise_bn(model, loader, device, channels_last=False, show=True):
+    """Re-estimate every BatchNorm's running statistics for the weights as they are now: a plain
+    average over the batches of `loader` (training images as validation sees them), in place of
+    the moving average that lags behind weights changing fast. The rest of the model stays in eval
+    mode (no dropout, no stochastic depth); under torchrun the ranks' statistics are averaged.
+    Frozen layers (--freeze-layers) keep theirs, as in training."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and (m.weight is None or m.weight.requires_grad)]
+    if not norms or len(loader) == 0:
+        return
+    was_training = model.training
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch counts the same
+        m.train()
+    for images, _ in tqdm(loader, desc="BatchNorm", disable=None if show else True, leave=False, dynamic_ncols=True):
+        if len(images) > 1:
+            model(to_device(images, images, device, channels_last)[0])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        for buffer in (m.running_mean, m.running_var):
+            all_reduce_sum(buffer).div_(world_size())
+    model.train(was_training)
+
+
 def evaluate(model, loader, device, num_classes, channels_last=False, show=True):
     """Loss, top-1, top-5 (top-k capped at the class count) and the confusion matrix over every
     image in `loader`, summed over all ranks: each rank must see a disjoint part of the data.
@@ -667,6 +834,15 @@ def per_class_rows(confusion, classes):
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": support})
     return rows
+
+
+def recall_line(confusion, classes, most=10):
+    """'recall  cat 0.95  dog 0.60 ...': every class's, or the `most` lowest where there are more."""
+    rows = per_class_rows(confusion, classes)
+    if len(rows) > most:
+        rows = sorted(rows, key=lambda r: r["recall"])[:most]
+    label = "recall" if len(rows) == len(classes) else f"lowest recall ({len(rows)} of {len(classes)} classes)"
+    return f"{label}  " + "  ".join(f"{printable(r['class'])} {r['recall']:.2f}" for r in rows)
 
 
 def write_per_class(path, confusion, classes):

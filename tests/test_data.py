@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import VARIANTS  # noqa: E402
-from my_dataset import MyDataSet, load_rgb  # noqa: E402
+from my_dataset import MyDataSet, PackedPaths, load_rgb  # noqa: E402
+import utils  # noqa: E402
 from utils import (DataError, Split, build_transform, check_image, list_images, make_loader,  # noqa: E402
                    plot_class_distribution, read_class_indices, read_split_data, scan_classes,
                    write_class_indices)
@@ -450,6 +451,42 @@ def test_broken_files_leaving_one_class_raise(tmp_path, capsys):
         read_split_data(str(tmp_path), 0.3, seed=0)
     err = capsys.readouterr().err
     assert all(p in err for p in broken)
+
+
+@pytest.mark.parametrize("layout", ["flat", "presplit"])
+def test_large_folder_checked_later_gives_the_same_split_and_report(tmp_path, capsys, layout):
+    """A folder too large to check at the start is split from its file names alone; its broken
+    files, found by the background check, are the plain scan's, in the same words, and leaving them
+    out gives exactly the plain scan's split."""
+    if layout == "flat":
+        make_classes(tmp_path, {"a": 7, "b": 5})
+        broken = write_broken(tmp_path / "a") + write_broken(tmp_path / "b" / "deep")
+    else:
+        make_classes(tmp_path / "train", {"a": 4, "b": 3})
+        make_classes(tmp_path / "val", {"a": 2, "b": 2})
+        broken = write_broken(tmp_path / "train" / "a") + write_broken(tmp_path / "val" / "b")
+    plain = read_split_data(str(tmp_path), 0.3, seed=3)
+    plain_report = capsys.readouterr().err
+    late = read_split_data(str(tmp_path), 0.3, seed=3, check_at_start=0)
+    assert "could not be used" not in capsys.readouterr().err
+    assert sorted(late.unchecked) == sorted(late.train_images + late.val_images) and set(broken) <= set(late.unchecked)
+    found = utils.BackgroundCheck(late.unchecked).report(wait=True)
+    assert capsys.readouterr().err == plain_report and sorted(found) == sorted(plain.broken)
+    bad = {p for p, _ in found}
+    for part in ("train", "val"):
+        pairs = lambda split: zip(getattr(split, f"{part}_images"), getattr(split, f"{part}_labels"))  # noqa: E731
+        assert [(p, y) for p, y in pairs(late) if p not in bad] == list(pairs(plain))
+
+
+def test_packed_paths_read_back_every_name():
+    not_utf8 = b"/data/c/\xff\xfe.jpg".decode("utf-8", "surrogateescape")
+    names = ["/data/a/1.jpg", "/data/b/caf\u00e9.png", not_utf8, ""]
+    packed = PackedPaths(names)
+    assert len(packed) == 4 and [packed[i] for i in range(4)] == names
+    assert packed[-2] == names[-2] and packed[1:3] == names[1:3]
+    assert len(PackedPaths([])) == 0
+    ds = MyDataSet(names, [0, 1, 2, 0])
+    assert ds.images_path[2] == names[2] and ds.images_class.tolist() == [0, 1, 2, 0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,11 +10,18 @@ import torch
 from conftest import FAST, ROOT, copy_digits, run_script
 
 # Runs train.py's main() in each torchrun process, and records what each rank evaluates, so the
-# test can compare the ranks' weights; nothing in train.py is changed.
+# test can compare the ranks' weights, and which ranks read the data folder; every folder counts as
+# large (its headers are checked in the background). Nothing in train.py is changed.
 SPY = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {root!r})
+    def audit(event, args):
+        if event == "os.scandir" and str(args[0]).startswith({data!r}):
+            with open(os.path.join({spy_dir!r}, f"scanned-by-rank{{os.environ['RANK']}}"), "a") as f:
+                f.write(str(args[0]) + "\\n")
+    sys.addaudithook(audit)
     import torch, utils, train
+    utils.CHECK_AT_START = 0
     evaluate = utils.evaluate
     def spy(model, *args, **kwargs):
         torch.save(model.state_dict(), os.path.join({spy_dir!r}, f"rank{{os.environ['RANK']}}.pth"))
@@ -32,13 +39,17 @@ SPY = textwrap.dedent("""
 def test_torchrun_two_processes_on_cpu(tmp_path):
     """Two gloo processes train 2 epochs; both end with identical weights, files are written once,
     and the reported top-1 over an odd number of validation images equals a single-process
-    evaluation of best.pth (every image counted exactly once)."""
+    evaluation of best.pth (every image counted exactly once). Only rank 0 reads the folder, and
+    a broken file found after the start is named once and never stops the run."""
     data = copy_digits(tmp_path / "data", classes=("0", "1", "2"), per_class=8)
     os.remove(os.path.join(data, "2", sorted(os.listdir(os.path.join(data, "2")))[0]))  # class 2: 7 images
+    broken = os.path.join(data, "1", "notes.png")
+    with open(broken, "w") as f:
+        f.write("not an image")
     spy_dir = tmp_path / "spy"
     spy_dir.mkdir()
     script = tmp_path / "spy_train.py"
-    script.write_text(SPY.format(root=ROOT, spy_dir=str(spy_dir)))
+    script.write_text(SPY.format(root=ROOT, spy_dir=str(spy_dir), data=data))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            "--data-path", data, "--output-dir", str(out), *FAST]
@@ -47,6 +58,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "x 2 processes" in result.stdout and "global batch 16" in result.stdout
     assert result.stdout.count("epoch 2/2") == 1  # only rank 0 prints
+    assert sorted(os.listdir(spy_dir)) == ["rank0.pth", "rank1.pth", "scanned-by-rank0"]
+    assert result.stderr.count("could not be used") == 1 and f"{broken}: not an image" in result.stderr
 
     rank0 = torch.load(spy_dir / "rank0.pth", weights_only=True)
     rank1 = torch.load(spy_dir / "rank1.pth", weights_only=True)

@@ -192,6 +192,14 @@ def flag_error(argv, capsys):
     (["--lr", "0"], ["--lr", "more than 0"]),
     (["--eval-only"], ["--eval-only", "--weights"]),
     (["--batch-size", "1", "--img-size", "32"], ["--batch-size 1", "--img-size"]),
+    (["--ra-magnitude", "12"], ["--ra-magnitude", "--auto-augment ra"]),
+    (["--auto-augment", "ra", "--ra-magnitude", "31"], ["--ra-magnitude", "0 and 30"]),
+    (["--random-erase", "1.5"], ["--random-erase", "probability"]),
+    (["--drop-path", "1"], ["--drop-path", "probability"]),
+    (["--dropout", "-0.1"], ["--dropout", "probability"]),
+    (["--mixup-alpha", "-1"], ["--mixup-alpha", ">= 0"]),
+    (["--cutmix-alpha", "nan"], ["--cutmix-alpha"]),
+    (["--precise-bn", "-5"], ["--precise-bn", "0 or more"]),
 ])
 def test_out_of_range_flags_are_refused(flags, words, capsys):
     message = flag_error(flags, capsys)

@@ -140,3 +140,45 @@ def test_missing_weights_names_the_newest_run(tmp_path):
     result = run_script("predict.py", "photo.jpg", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert os.path.join("weights", "b0-new", "best.pth") in result.stderr.splitlines()[-1]
+
+
+def test_results_are_not_kept_for_the_end():
+    """Over a folder of any size the run keeps counts and the images it will draw, not every result."""
+    import predict
+    tally = predict.Tally(keep=4)
+    for i in range(1000):
+        tally.add({"path": f"{i}.jpg", "topk": [{"index": i % 3, "class": "abc"[i % 3], "prob": 0.9}]}
+                  if i % 10 else {"path": f"{i}.jpg", "error": "cannot read image"})
+    assert len(tally.shown) == 4 and tally.total == 1000 and tally.failed == 100
+    assert tally.summary() == "1000 inputs: 900 predicted as 3 classes (b: 300, c: 300, a: 300), 100 could not be read"
+
+
+def test_a_terminal_shows_progress_and_time_left(trained):
+    """On a terminal a run over many images shows a progress bar with the time left, between the results."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    data, run = trained
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 rows, 120 columns
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "predict.py"),
+                             data, "--weights", str(run / "best.pth"), "--batch-size", "4", "--workers", "0"],
+                            stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal closed: the process has ended
+            break
+        if not chunk:
+            break
+        output += chunk
+    proc.wait()
+    os.close(master)
+    text = output.decode()
+    assert proc.returncode == 0 and "predict:" in text and "img/s]" in text and "<" in text
+    assert text.count(": 0 (") + text.count(": 1 (") + text.count(": 2 (") == 30  # every result still shown

@@ -136,10 +136,12 @@ def test_ema_weights_are_saved_and_resume(tiny_data, tmp_path):
 
 def as_format_1(src, dest):
     """A checkpoint as train.py wrote it before checkpoints had a format version: no
-    meta["format"], and no flag that was added since (--lean-activations)."""
+    meta["format"], and no flag that was added since (--lean-activations, the recipe's options)."""
     ckpt = torch.load(src, weights_only=True)
     del ckpt["meta"]["format"]
-    del ckpt["meta"]["args"]["lean_activations"]
+    for flag in ("lean_activations", "drop_path", "precise_bn", "dropout", "balance", "auto_augment", "ra_magnitude",
+                 "random_erase", "mixup_alpha", "cutmix_alpha"):
+        del ckpt["meta"]["args"][flag]
     torch.save(ckpt, dest)
 
 
@@ -162,6 +164,9 @@ def test_checkpoints_of_format_1_predict_and_resume(tiny_data, tmp_path):
     last = torch.load(old / "last.pth", weights_only=True)
     assert last["epoch"] == 2 and last["meta"]["format"] == checkpoint.FORMAT
     assert last["meta"]["args"]["lean_activations"] is True and last["meta"]["args"]["img_size"] == 32
+    # the old run had stochastic depth 0.2 and no precise BatchNorm: it goes on as it began
+    assert (last["meta"]["args"]["drop_path"], last["meta"]["args"]["precise_bn"]) == (0.2, 0)
+    assert last["meta"]["args"]["auto_augment"] is None and last["meta"]["args"]["mixup_alpha"] == 0
     assert [int(r["epoch"]) for r in read_csv(old / "metrics.csv")] == [1, 2]  # from the history inside
 
     # and a file from a newer version of the scripts is named as such, not misread
