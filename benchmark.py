@@ -47,6 +47,9 @@ def get_args_parser():
     p.add_argument("--workers", type=int, default=utils.default_workers(), help="loader processes")
     p.add_argument("--time-to-accuracy", action="store_true",
                    help="train.py on the bundled digits at 64 px to 95 %% val top-1: default vs tutorial recipe")
+    p.add_argument("--startup", type=int, nargs="*", metavar="FILES",
+                   help="only time the start of training on folders of FILES images (default 10000 100000 "
+                        "1000000) against torchvision's plain start, and predict.py's memory on the first two")
     p.add_argument("--contender", choices=list(CONTENDERS), help=argparse.SUPPRESS)  # a child process: see measure()
     p.add_argument("--photos", help=argparse.SUPPRESS)  # the folder the "folder" contenders predict
     p.add_argument("--tensor-memory", action="store_true", help=argparse.SUPPRESS)  # see tensor_memory()
@@ -138,9 +141,119 @@ def folder_rate_baseline(paths, args, device, batch):
     return len(paths) / (time.perf_counter() - start)
 
 
+# torchvision's plain start: ImageFolder, random_split, a DataLoader, one training step
+PLAIN_START = """
+import sys, torch, torchvision
+from torchvision import transforms
+data = torchvision.datasets.ImageFolder(sys.argv[1], transforms.Compose([
+    transforms.RandomResizedCrop(64), transforms.RandomHorizontalFlip(), transforms.ToTensor()]))
+n_val = int(len(data) * 0.2)
+train, val = torch.utils.data.random_split(data, [len(data) - n_val, n_val], torch.Generator().manual_seed(0))
+loader = torch.utils.data.DataLoader(train, batch_size=16, shuffle=True, num_workers=int(sys.argv[2]))
+model = torchvision.models.efficientnet_b0(num_classes=len(data.classes))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+images, labels = next(iter(loader))
+torch.nn.functional.cross_entropy(model(images), labels).backward()
+optimizer.step()
+"""
+# runs a script and ends its process the moment its first optimizer step is done
+UNTIL_FIRST_STEP = ("import os, runpy, sys; from torch.optim.optimizer import register_optimizer_step_post_hook; "
+                    "register_optimizer_step_post_hook(lambda *a: os._exit(0)); "
+                    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def link_folder(root, n, classes=100):
+    """A folder of n images in `classes` class folders: hard links to a few real JPEGs (write_photos),
+    so a million files cost only their directory entries (at most 50,000 links per file: ext4
+    allows 65,000)."""
+    sources = write_photos(root, max(8, n // 50_000 + 1), (160, 120))
+    for c in range(classes):
+        folder = os.path.join(root, "data", f"class_{c:03d}")
+        os.makedirs(folder)
+        for i in range(n // classes):
+            os.link(sources[(c + i) % len(sources)], os.path.join(folder, f"{i:07d}.jpg"))
+    return os.path.join(root, "data")
+
+
+def on_pty(command):
+    """(seconds from launch to exit, peak resident MiB of the process) for `command` run with a
+    pseudo-terminal as its stdout and stderr, as a user at a terminal starts it."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    output, status, usage = b"", None, None
+    while status is None:  # keep reading, so that the process never waits on a full terminal
+        if select.select([master], [], [], 0.05)[0]:
+            try:
+                output += os.read(master, 65536)
+            except OSError:
+                pass
+        pid, code, used = os.wait4(proc.pid, os.WNOHANG)
+        if pid:  # its own usage and its reaped children's (data loader workers): the largest process
+            status, usage = os.waitstatus_to_exitcode(code), used
+    seconds = time.perf_counter() - start
+    proc.returncode = status
+    try:
+        os.killpg(proc.pid, 9)  # data loader workers that outlived an os._exit
+    except ProcessLookupError:
+        pass
+    os.close(master)
+    if status != 0:
+        sys.exit(f"benchmark: {' '.join(command[:4])} ... exited {status}:\n{output.decode(errors='replace')[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def startup(args):
+    """Launch to the first training step: train.py against torchvision's plain start, whole
+    processes on a pseudo-terminal, taking turns, median of --rounds; then predict.py's peak
+    memory over the folder, which must not grow with it."""
+    sizes = args.startup or [10_000, 100_000, 1_000_000]
+    print(f"{'launch to first training step':<40} {'train.py':>9} {'torchvision':>12} {'ratio':>7}")
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = link_folder(tmp, n)
+            with open(os.path.join(tmp, "plain_start.py"), "w") as f:
+                f.write(PLAIN_START)
+            times = {"train.py": [], "torchvision": []}
+            for r in range(args.rounds):
+                times["torchvision"].append(on_pty([sys.executable, "-c", UNTIL_FIRST_STEP, f.name, data,
+                                                    str(args.workers)])[0])
+                times["train.py"].append(on_pty([sys.executable, "-c", UNTIL_FIRST_STEP, os.path.join(HERE, "train.py"),
+                                                 "--data-path", data, "--img-size", "64", "--workers",
+                                                 str(args.workers), "--output-dir", os.path.join(tmp, f"run{r}")])[0])
+            ours, base = (sorted(t)[len(t) // 2] for t in (times["train.py"], times["torchvision"]))
+            rows.append((f"start-up, {n:,} files", ours, base, ours / base, "s"))
+            print(f"{f'{n:,} files (s)':<40} {ours:>9.1f} {base:>12.1f} {ours / base:>6.2f}x", flush=True)
+            if n <= 100_000:
+                rows.append((f"predict.py peak RSS, {n:,} files", predict_memory(tmp, data, args), None, None, "MiB"))
+                print(f"{f'predict.py over them: peak RSS (MiB)':<40} {rows[-1][1]:>9.0f}", flush=True)
+    return rows
+
+
+def predict_memory(tmp, data, args):
+    """Peak resident MiB of predict.py writing --csv for every image in `data` with a 32 px model."""
+    from types import SimpleNamespace
+    import checkpoint
+    classes = sorted(os.listdir(data))
+    model = create_model("b0", len(classes), verbose=False)
+    meta = checkpoint.make_meta(SimpleNamespace(model="b0", img_size=32), classes, VARIANTS["b0"], model.bn_eps)
+    weights = os.path.join(tmp, "best.pth")
+    checkpoint.save_best(weights, model, meta, 1, 0.0)
+    return on_pty([sys.executable, os.path.join(HERE, "predict.py"), data, "--weights", weights, "--csv",
+                   os.path.join(tmp, "predictions.csv"), "--workers", str(args.workers), "--batch-size", "64"])[1]
+
+
 TUTORIAL_RECIPE = ["--optimizer", "sgd", "--lr", "0.01", "--weight-decay", "1e-4", "--warmup-epochs", "0",
                    "--label-smoothing", "0", "--crop-scale", "0.08", "1", "--batch-size", "16", "--amp", "off",
-                   "--no-channels-last"]
+                   "--no-channels-last", "--drop-path", "0.2", "--precise-bn", "0"]
 
 
 def time_to_accuracy(target=0.95, epochs=10):
@@ -372,7 +485,9 @@ def main(args):
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
     try:
-        if args.contender:
+        if args.startup is not None:
+            startup(args)
+        elif args.contender:
             device = utils.choose_device(args.device)
             print(json.dumps(tensor_memory(args.contender, args, device) if args.tensor_memory
                              else measure(args.contender, args, device)))

@@ -91,9 +91,11 @@ class PackedPaths:
     writes its reference count, and that copies the page)."""
 
     def __init__(self, paths):
-        encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
-        self.data = b"".join(encoded)
-        self.ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        paths = list(paths)
+        # joined by NUL, the one byte no file name can hold; where each path ends is then one search
+        self.data = "\0".join(paths).encode("utf-8", "surrogateescape")
+        ends = np.flatnonzero(np.frombuffer(self.data, dtype=np.uint8) == 0)
+        self.ends = np.append(ends, len(self.data)) if paths else ends
 
     def __len__(self):
         return len(self.ends)
@@ -102,7 +104,7 @@ class PackedPaths:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         end = int(self.ends[i])
-        start = int(self.ends[i - 1]) if i % len(self) else 0
+        start = int(self.ends[i - 1]) + 1 if i % len(self) else 0
         return self.data[start:end].decode("utf-8", "surrogateescape")
 
 

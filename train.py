@@ -269,8 +269,8 @@ def build_data(args, device):
     if args.precise_bn:  # a fixed sample of training images, decoded and resized as validation does
         sample = torch.randperm(len(split.train_images), generator=torch.Generator().manual_seed(args.seed))
         sample = sample[:args.precise_bn].tolist()[rank::world]
-        bn_set = torch.utils.data.Subset(MyDataSet(split.train_images, split.train_labels, val_set.transform,
-                                                   val_set.draft_size), sample)
+        bn_set = MyDataSet([split.train_images[i] for i in sample], [split.train_labels[i] for i in sample],
+                           val_set.transform, val_set.draft_size)
         bn_loader = utils.make_loader(bn_set, args.batch_size, False, workers, device)
     return Data(split, utils.make_loader(train_set, args.batch_size, True, workers, device, train_sampler),
                 utils.make_loader(val_part, args.batch_size, False, workers, device), train_sampler, bn_loader,
@@ -405,7 +405,6 @@ def start_outputs(args, ckpt, split, save_first):
         lock_run_dir(args.output_dir)
         checkpoint.remove_stale_temp_files(args.output_dir)
         utils.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), split.classes)
-        utils.plot_class_distribution(split, os.path.join(args.output_dir, "class_distribution.png"))
         if ckpt is None:
             save_first()
     except BaseException as e:
@@ -504,6 +503,8 @@ def fit(args, models, data, optimization, progress, meta, device):
             if is_main:
                 utils.write_metrics(out("metrics.csv"), progress["history"])
                 utils.plot_curves(progress["history"], out("curves.png"), len(classes))
+                if not os.path.exists(out("class_distribution.png")):  # drawn here, not before the first step
+                    utils.plot_class_distribution(data.split, out("class_distribution.png"))
             utils.print0(epoch_line(args, row, progress["history"], len(classes), problem if stuck >= 2 else None))
             if imbalanced:
                 utils.print0("  " + utils.recall_line(result["confusion"], classes))

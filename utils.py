@@ -74,7 +74,7 @@ class DataError(UsageError):
 # Finding and splitting the images
 # ---------------------------------------------------------------------------------------------
 
-def list_images(folder, rejected=None, foreign=None):
+def list_images(folder, rejected=None, foreign=None, links=None):
     """Image files under `folder`, recursively and following links, in a stable order (a folder's
     files by name, then its sub-folders by name); hidden files and other types are ignored.
 
@@ -82,7 +82,7 @@ def list_images(folder, rejected=None, foreign=None):
     or loop. `foreign(real_path)` may say why a link's target is not this folder's to take (it
     belongs to another class, or lies above the data); such a link is not followed. Anything
     named like an image that is not a regular file (a FIFO, a socket, a broken link) is never
-    opened. Both go to `rejected` as (path, why).
+    opened. Both go to `rejected` as (path, why). Links followed (to images or folders) go to `links`.
     """
     found, seen = [], set()
     rejected = [] if rejected is None else rejected
@@ -99,11 +99,15 @@ def list_images(folder, rejected=None, foreign=None):
             if e.name.lower().endswith(IMG_EXTENSIONS) and not e.is_dir():
                 if e.is_file():
                     found.append(e.path)
+                    if links is not None and e.is_symlink():
+                        links.add(e.path)
                 else:
                     rejected.append((e.path, "not a regular file (a FIFO, socket, device or broken link); "
                                              "not opened"))
         for e in entries:
             if e.is_dir():
+                if links is not None and e.is_symlink():
+                    links.add(e.path)
                 walk(e.path)
 
     def refused(entry):
@@ -187,19 +191,24 @@ def scan_classes(root):
             return None
         return why
 
-    images, broken, first_path = {}, [], {}
-    for name in names:
-        folder = os.path.join(root, name)
-        for path in list_images(folder, broken, foreign_to(name)):
-            real = real_path(path)
-            if real in first_path:
-                broken.append((path, f"the same file as {first_path[real]}; counted once"))
-                continue
-            first_path[real] = path
-            images.setdefault(name, []).append(path)
-        if name not in images:
-            print(f"warning: class folder {folder} has no images; skipped", file=sys.stderr)
-    return images, broken
+    broken = []
+    links = {folder for folder in (os.path.join(root, name) for name in names) if os.path.islink(folder)}
+    listed = {name: list_images(os.path.join(root, name), broken, foreign_to(name), links) for name in names}
+    if links:  # only a link can reach a file a second time: count each real file once
+        first_path = {}
+        for name, paths in listed.items():
+            kept = listed[name] = []
+            for path in paths:
+                real = os.path.realpath(path) if path in links else real_path(path)
+                if real in first_path:
+                    broken.append((path, f"the same file as {first_path[real]}; counted once"))
+                else:
+                    first_path[real] = path
+                    kept.append(path)
+    for name, paths in listed.items():
+        if not paths:
+            print(f"warning: class folder {os.path.join(root, name)} has no images; skipped", file=sys.stderr)
+    return {name: paths for name, paths in listed.items() if paths}, broken
 
 
 @functools.lru_cache(maxsize=4096)
@@ -208,9 +217,8 @@ def real_folder(folder):
 
 
 def real_path(path):
-    """os.path.realpath, with the folder's part looked up once per folder rather than once per file."""
-    if os.path.islink(path):
-        return os.path.realpath(path)
+    """os.path.realpath of a file that is not itself a link, its folder's part looked up once per
+    folder (the folder may be reached through a link)."""
     folder, name = os.path.split(path)
     return os.path.join(real_folder(folder), name)
 

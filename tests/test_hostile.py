@@ -278,7 +278,7 @@ def interrupted_in(function, tmp_path, *args):
 def test_signal_during_start_up_leaves_no_half_made_run_folder(tiny_data, tmp_path):
     """Ctrl-C while the run folder is being set up: one line, exit 130, and the folder is gone
     (it had no last.pth to resume from)."""
-    result = interrupted_in("plot_class_distribution", tmp_path, "--data-path", tiny_data,
+    result = interrupted_in("write_class_indices", tmp_path, "--data-path", tiny_data,
                             "--output-dir", tmp_path / "run", *FAST)
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
     assert "interrupted before training started" in result.stderr
