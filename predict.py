@@ -217,11 +217,11 @@ def main(args):
                 yield {"path": paths[i], "topk": [{"index": c, "class": names[c], "prob": round(p, 6)}
                                                   for p, c in zip(probs, classes)]}
 
-    tally = Tally(args.plot_limit if args.plot else 0)
+    tally, total = Tally(args.plot_limit if args.plot else 0), len(paths) + len(missing)
     if args.csv:  # rows go to the file as they come; it replaces the old one when the last is written
-        checkpoint.atomic_write(args.csv, lambda f: report(results(), tally, args, topk, f, len(paths) + len(missing)))
+        checkpoint.atomic_write(args.csv, lambda f: report(results(), tally, args, topk, f, total))
     else:
-        report(results(), tally, args, topk, None, len(paths) + len(missing))
+        report(results(), tally, args, topk, None, total)
     wrote = [f"{args.csv} ({tally.total} rows)"] if args.csv else []
     if args.plot:
         drawn = plot_predictions(tally.shown, args.plot, args.plot_limit)

@@ -268,7 +268,8 @@ def build_data(args, device):
     bn_loader = None
     if args.precise_bn:  # a fixed sample of training images, decoded and resized as validation does
         sample = torch.randperm(len(split.train_images), generator=torch.Generator().manual_seed(args.seed))
-        sample = sample[:args.precise_bn].tolist()[rank::world]
+        share = max(min(args.precise_bn, len(sample)) // world, 1)  # the same number of batches on every rank
+        sample = sample[rank * share:(rank + 1) * share].tolist()
         bn_set = MyDataSet([split.train_images[i] for i in sample], [split.train_labels[i] for i in sample],
                            val_set.transform, val_set.draft_size)
         bn_loader = utils.make_loader(bn_set, args.batch_size, False, workers, device)

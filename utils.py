@@ -319,7 +319,8 @@ class BackgroundCheck:
     broken files in the same words as read_split_data would have, once, when the check is done."""
 
     def __init__(self, paths):
-        context = multiprocessing.get_context("fork")  # the child has `paths` without a copy through a pipe
+        # on Linux the child has `paths` without a copy through a pipe; macOS frameworks do not survive a fork
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self.results, send = context.Pipe(duplex=False)
         self.process = context.Process(target=self.check, args=(paths, send), daemon=True)
         self.process.start()
@@ -729,7 +730,7 @@ def precise_bn(model, loader, device, channels_last=False, show=True):
         return
     was_training = model.training
     model.eval()
-    momenta = [m.momentum for m in norms]
+    momenta = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]  # training's count stays
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: every batch counts the same
@@ -737,8 +738,9 @@ def precise_bn(model, loader, device, channels_last=False, show=True):
     for images, _ in tqdm(loader, desc="BatchNorm", disable=None if show else True, leave=False, dynamic_ncols=True):
         if len(images) > 1:
             model(to_device(images, images, device, channels_last)[0])
-    for m, momentum in zip(norms, momenta):
+    for m, (momentum, tracked) in zip(norms, momenta):
         m.momentum = momentum
+        m.num_batches_tracked.copy_(tracked)
         for buffer in (m.running_mean, m.running_var):
             all_reduce_sum(buffer).div_(world_size())
     model.train(was_training)
