@@ -385,13 +385,14 @@ def build_transform(variant, img_size, train, scale=(0.08, 1.0), hflip=True, eva
     interpolation = InterpolationMode(variant.interpolation)
     tail = [T.ToDtype(torch.float32, scale=True), T.Normalize(variant.mean, variant.std)]
     if train:
-        policy = {None: [], "ta_wide": [T.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR)],
-                  "ra": [T.RandAugment(magnitude=ra_magnitude, interpolation=InterpolationMode.BILINEAR)],
-                  "augmix": [T.AugMix(interpolation=InterpolationMode.BILINEAR)],
-                  "imagenet": [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, InterpolationMode.BILINEAR)]}
+        bilinear = InterpolationMode.BILINEAR
+        policy = {None: lambda: [], "ta_wide": lambda: [T.TrivialAugmentWide(interpolation=bilinear)],
+                  "ra": lambda: [T.RandAugment(magnitude=ra_magnitude, interpolation=bilinear)],
+                  "augmix": lambda: [T.AugMix(interpolation=bilinear)],
+                  "imagenet": lambda: [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, bilinear)]}[auto_augment]()
         erase = [T.RandomErasing(random_erase, value=0)] if random_erase else []
         return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=interpolation, antialias=True),
-                          T.RandomHorizontalFlip(0.5 if hflip else 0.0), T.ToImage(), *policy[auto_augment],
+                          T.RandomHorizontalFlip(0.5 if hflip else 0.0), T.ToImage(), *policy,
                           *tail, *erase])
     resize, crop = eval_sizes or variant.eval_sizes(img_size)
     return T.Compose([T.ToImage(), T.Resize(resize, interpolation=interpolation, antialias=True),
