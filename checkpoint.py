@@ -16,9 +16,12 @@ META describes the model so that predict.py needs nothing but the file: "format"
 "eval_crop" and "args", the training flags. Files written before "format" existed are format 1,
 which has the same fields. Every write is atomic: a crash leaves the old file or the new one.
 """
+import contextlib
 import os
 import pickle
+import signal
 import tempfile
+import threading
 
 import torch
 
@@ -104,7 +107,28 @@ def load_resume(path):
 
 
 def save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
+    with signals_held():
+        atomic_write(path, lambda f: torch.save(obj, f))
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends. torch.save stopped half-way leaves its zip
+    writer broken, and that ends in a RuntimeError instead of the interrupt the user asked for."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is not threading.main_thread() or None in handlers.values():
+        yield  # signals reach only the main thread; a handler set outside Python cannot be put back
+        return
+    caught = []
+    for s in handlers:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def atomic_write(path, write):
