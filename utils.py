@@ -718,7 +718,6 @@ def learning_problem(confusion, classes):
 
 
 @torch.inference_mode()
-@torch.no_grad()
 def precise_bn(model, loader, device, channels_last=False, show=True):
     """Re-estimate every BatchNorm's running statistics for the weights as they are now: a plain
     average over the batches of `loader` (training images as validation sees them), in place of
@@ -747,6 +746,7 @@ def precise_bn(model, loader, device, channels_last=False, show=True):
     model.train(was_training)
 
 
+@torch.inference_mode()
 def evaluate(model, loader, device, num_classes, channels_last=False, show=True):
     """Loss, top-1, top-5 (top-k capped at the class count) and the confusion matrix over every
     image in `loader`, summed over all ranks: each rank must see a disjoint part of the data.
