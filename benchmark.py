@@ -50,6 +50,9 @@ def get_args_parser():
     p.add_argument("--startup", type=int, nargs="*", metavar="FILES",
                    help="only time the start of training on folders of FILES images (default 10000 100000 "
                         "1000000) against torchvision's plain start, and predict.py's memory on the first two")
+    p.add_argument("--whole", action="store_true",
+                   help="only time whole commands as a user runs them (train.py 2 epochs on the digits, "
+                        "predict.py over a folder and on one image) against the plain scripts")
     p.add_argument("--contender", choices=list(CONTENDERS), help=argparse.SUPPRESS)  # a child process: see measure()
     p.add_argument("--photos", help=argparse.SUPPRESS)  # the folder the "folder" contenders predict
     p.add_argument("--tensor-memory", action="store_true", help=argparse.SUPPRESS)  # see tensor_memory()
@@ -175,9 +178,12 @@ def link_folder(root, n, classes=100):
     return os.path.join(root, "data")
 
 
+Ran = namedtuple("Ran", "seconds rss output")
+
+
 def on_pty(command):
-    """(seconds from launch to exit, peak resident MiB of the process) for `command` run with a
-    pseudo-terminal as its stdout and stderr, as a user at a terminal starts it."""
+    """Ran(seconds from launch to exit, peak resident MiB of the process, what it printed) for
+    `command` run with a pseudo-terminal as its stdout and stderr, as a user at a terminal starts it."""
     import fcntl
     import pty
     import select
@@ -207,7 +213,7 @@ def on_pty(command):
     os.close(master)
     if status != 0:
         sys.exit(f"benchmark: {' '.join(command[:4])} ... exited {status}:\n{output.decode(errors='replace')[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    return Ran(seconds, usage.ru_maxrss / 1024, output.decode(errors="replace"))
 
 
 def startup(args):
@@ -249,6 +255,144 @@ def predict_memory(tmp, data, args):
     checkpoint.save_best(weights, model, meta, 1, 0.0)
     return on_pty([sys.executable, os.path.join(HERE, "predict.py"), data, "--weights", weights, "--csv",
                    os.path.join(tmp, "predictions.csv"), "--workers", str(args.workers), "--batch-size", "64"])[1]
+
+
+# The plain scripts that the whole commands are timed against, each run as its own process.
+# The tutorial's training program, on torchvision's B0: its split, dataset, transforms, workers,
+# SGD with a cosine schedule, tqdm bars, a state_dict saved every epoch.
+TUTORIAL_TRAIN = """
+import math, os, random, sys, time
+import torch, torchvision
+from PIL import Image
+from torchvision import transforms
+from tqdm import tqdm
+root, epochs, size, batch, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+random.seed(0)
+classes = sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c)))
+train, val = [], []
+for label, c in enumerate(classes):
+    files = sorted(os.path.join(root, c, f) for f in os.listdir(os.path.join(root, c)))
+    held = set(random.sample(files, int(len(files) * 0.2)))
+    train += [(f, label) for f in files if f not in held]
+    val += [(f, label) for f in files if f in held]
+class Images(torch.utils.data.Dataset):
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+    def __len__(self):
+        return len(self.items)
+    def __getitem__(self, i):
+        return self.transform(Image.open(self.items[i][0]).convert("RGB")), self.items[i][1]
+normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), normalize])
+val_tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(), normalize])
+nw = min(os.cpu_count(), batch, 8)
+train_loader = torch.utils.data.DataLoader(Images(train, train_tf), batch_size=batch, shuffle=True, num_workers=nw)
+val_loader = torch.utils.data.DataLoader(Images(val, val_tf), batch_size=batch, num_workers=nw)
+model = torchvision.models.efficientnet_b0(num_classes=len(classes))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda x: (1 + math.cos(x * math.pi / epochs)) / 2 * 0.99 + 0.01)
+os.makedirs(out)
+for epoch in range(epochs):
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(train_loader, file=sys.stdout)
+    for images, labels in bar:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        bar.desc = f"[epoch {epoch}] loss {loss.item():.3f}"
+    scheduler.step()
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for images, labels in tqdm(val_loader, file=sys.stdout):
+            correct += (model(images).argmax(1) == labels).sum().item()
+    torch.save(model.state_dict(), os.path.join(out, f"model-{epoch}.pth"))
+    print(f"epoch {epoch} accuracy {correct / len(val):.4f} seconds {time.perf_counter() - start:.2f}")
+"""
+# A plain loop over a folder: torchvision's B0 and its eval transform, batches of 32, main process.
+PLAIN_PREDICT_FOLDER = """
+import os, sys, torch, torchvision
+from PIL import Image
+model = torchvision.models.efficientnet_b0()
+model.load_state_dict(torch.load(sys.argv[1]))
+model.eval()
+transform = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.transforms()
+paths = sorted(os.path.join(sys.argv[2], f) for f in os.listdir(sys.argv[2]))
+with torch.no_grad():
+    for i in range(0, len(paths), 32):
+        x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[i:i + 32]])
+        for path, p in zip(paths[i:i + 32], model(x).softmax(1)):
+            print(path, p.argmax().item(), f"{p.max():.3f}")
+"""
+# The six lines that predict one image.
+PLAIN_PREDICT_ONE = """
+import sys, torch, torchvision
+from PIL import Image
+model = torchvision.models.efficientnet_b0(); model.load_state_dict(torch.load(sys.argv[1])); model.eval()
+x = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.transforms()(Image.open(sys.argv[2]).convert("RGB"))
+with torch.no_grad(): p = model(x[None]).softmax(1)[0]
+print(p.argmax().item(), f"{p.max():.3f}")
+"""
+
+
+def whole(args):
+    """Whole commands as a user runs them, launch to exit on a pseudo-terminal, against the plain
+    scripts above; the two take turns, median of --rounds. Speed-up = baseline seconds / ours."""
+    digits = os.path.join(HERE, "data", "digits")
+    print(f"{'whole command (seconds, median of ' + str(args.rounds) + ')':<60} {'baseline':>9} {'this repo':>10} "
+          f"{'speed-up':>9}")
+    rows = []
+
+    def row(name, base, ours):
+        rows.append((name, base, ours, base / ours))
+        print(f"{name:<60} {base:>9.1f} {ours:>10.1f} {base / ours:>8.2f}x", flush=True)
+
+    def median(values):
+        return sorted(values)[len(values) // 2]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scripts = {}
+        for name, text in (("tutorial_train", TUTORIAL_TRAIN), ("plain_folder", PLAIN_PREDICT_FOLDER),
+                           ("plain_one", PLAIN_PREDICT_ONE)):
+            scripts[name] = os.path.join(tmp, name + ".py")
+            with open(scripts[name], "w") as f:
+                f.write(text)
+        photos = os.path.join(tmp, "photos")
+        os.makedirs(photos)
+        paths = write_photos(photos, 480, (96, 96))
+        weights = os.path.join(tmp, "b0.pth")
+        torch.save(baseline_model("b0", "cpu").state_dict(), weights)  # the layout of torchvision's download
+
+        base, ours, base_epoch, ours_epoch = [], [], [], []
+        for r in range(args.rounds):
+            ran = on_pty([sys.executable, scripts["tutorial_train"], digits, "2", "64", "32", os.path.join(tmp, f"t{r}")])
+            base.append(ran.seconds)
+            base_epoch.append(sum(float(line.split()[-1]) for line in ran.output.splitlines()
+                                  if line.startswith("epoch ") and " seconds " in line) / 2)
+            run = os.path.join(tmp, f"r{r}")
+            ours.append(on_pty([sys.executable, os.path.join(HERE, "train.py"), "--data-path", digits, "--epochs", "2",
+                                "--img-size", "64", "--batch-size", "32", "--output-dir", run]).seconds)
+            with open(os.path.join(run, "metrics.csv"), newline="") as f:
+                ours_epoch.append(sum(float(r["epoch_seconds"]) for r in csv.DictReader(f)) / 2)
+        row("train.py, 2 epochs on the digits at 64 px, batch 32", median(base), median(ours))
+        row("  the same, seconds per epoch", median(base_epoch), median(ours_epoch))
+
+        commands = {
+            f"predict.py over {len(paths)} 96x96 JPEGs (eval 256/224)": (
+                [scripts["plain_folder"], weights, photos], ["predict.py", photos, "--weights", weights]),
+            "predict.py on one image, launch to answer": (
+                [scripts["plain_one"], weights, paths[0]], ["predict.py", paths[0], "--weights", weights]),
+        }
+        for name, (plain, repo) in commands.items():
+            base, ours = [], []
+            for _ in range(args.rounds):
+                base.append(on_pty([sys.executable, *plain]).seconds)
+                ours.append(on_pty([sys.executable, os.path.join(HERE, repo[0]), *repo[1:]]).seconds)
+            row(name, median(base), median(ours))
+    return rows
 
 
 TUTORIAL_RECIPE = ["--optimizer", "sgd", "--lr", "0.01", "--weight-decay", "1e-4", "--warmup-epochs", "0",
@@ -487,6 +631,8 @@ if __name__ == "__main__":
     try:
         if args.startup is not None:
             startup(args)
+        elif args.whole:
+            whole(args)
         elif args.contender:
             device = utils.choose_device(args.device)
             print(json.dumps(tensor_memory(args.contender, args, device) if args.tensor_memory
