@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import SqueezeExcitation, StochasticDepth
 
 from checkpoint import WeightsError, load_checkpoint, read_meta
 
@@ -126,18 +125,49 @@ class ConvBNAct(nn.Sequential):
         return act(norm(conv(x)))
 
 
-class SqueezeExcite(SqueezeExcitation):
-    """torchvision's squeeze-and-excitation (same modules, same weights): x * sigmoid(fc2(act(fc1(pool(x)))))."""
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation, x * sigmoid(fc2(act(fc1(pool(x))))), laid out as torchvision's
+    SqueezeExcitation (same modules in the same order, same weight names and initialisation)."""
 
     lean = False  # EfficientNet(lean=True): SigmoidGate in training, the gate in place without gradients
 
+    def __init__(self, channels, squeeze, activation=nn.SiLU):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.activation = activation()
+        self.scale_activation = nn.Sigmoid()
+
     def forward(self, x):
-        if not self.lean:
-            return super().forward(x)
         z = self.fc2(self.activation(self.fc1(self.avgpool(x))))
+        if not self.lean:
+            return self.scale_activation(z) * x
         if x.requires_grad or z.requires_grad:
             return SigmoidGate.apply(x, z)
         return x.mul_(z.sigmoid_())  # x is the block's own intermediate and is not read again
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, each sample's residual branch is dropped with probability
+    p and the kept ones are scaled by 1 / (1 - p); identity in eval. Draws the same random
+    numbers as torchvision's StochasticDepth(p, "row")."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        keep.bernoulli_(1.0 - self.p)
+        if self.p < 1.0:
+            keep.div_(1.0 - self.p)
+        return x * keep
+
+    def extra_repr(self):
+        return f"p={self.p}"
 
 
 class MBConv(nn.Module):
@@ -156,7 +186,7 @@ class MBConv(nn.Module):
         self.block = nn.Sequential(layers)
         self.use_skip = stride == 1 and cin == cout
         # stochastic depth: during training the whole residual branch is dropped per sample
-        self.drop_path = StochasticDepth(drop_prob, "row")
+        self.drop_path = DropPath(drop_prob)
 
     def forward(self, x):
         out = self.block(x)

@@ -18,7 +18,6 @@ import os
 import sys
 
 import torch
-import torchvision
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -89,13 +88,32 @@ def class_names(info, weights_path, class_indices, num_classes):
     elif os.path.isfile(beside := os.path.join(os.path.dirname(os.path.abspath(weights_path)), "class_indices.json")):
         names = utils.read_class_indices(beside)
     elif num_classes == 1000:  # ImageNet weights: the category names ship with torchvision
-        names = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
+        names = imagenet_categories()
     else:
         names = [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise utils.UsageError(f"the weights have {num_classes} classes but {len(names)} class names were found; "
                               "pass the matching --class-indices")
     return names
+
+
+def imagenet_categories():
+    """The 1000 ImageNet class names that torchvision ships, read from its source file rather than
+    imported: importing torchvision takes a second, as long as predicting an image."""
+    import ast
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("torchvision")  # finds the package without running it
+        with open(os.path.join(os.path.dirname(spec.origin), "models", "_meta.py"), encoding="utf-8") as f:
+            for node in ast.parse(f.read()).body:
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "_IMAGENET_CATEGORIES":
+                    names = ast.literal_eval(node.value)
+                    if len(names) == 1000:
+                        return names
+    except (OSError, AttributeError, TypeError, ValueError, SyntaxError):
+        pass
+    import torchvision  # another layout of torchvision's files: ask it
+    return torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
 
 
 def eval_transform(info, variant_name):

@@ -110,8 +110,8 @@ def get_args_parser():
     hardware.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
     hardware.add_argument("--workers", type=int, default=utils.default_workers(), help="data loading processes")
     hardware.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                          help="mixed precision: bf16 or fp16 autocast (fp16 with a grad scaler); auto = bf16 where "
-                               "the hardware runs it fast (GPUs with bf16, CPUs with AMX), else off")
+                          help="mixed precision: bf16 or fp16 autocast (fp16 with a grad scaler); auto = bf16 on "
+                               "GPUs that have it, else off (on CPUs bf16 trains slower than fp32)")
     hardware.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                           help="channels-last memory format (faster convolutions on CPU and tensor cores)")
     hardware.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")

@@ -692,6 +692,28 @@ def test_eval_transform_shape_and_deterministic(tmp_path):
     assert tall.shape == (3, 64, 64)
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_eval_transform_equals_torchvision_to_the_bit(interpolation):
+    """EvalTransform against torchvision's v2 Resize + CenterCrop + ToDtype + Normalize on a real
+    photo cut to shapes that take every branch: landscape, portrait, square, already the resize,
+    smaller than the crop, one pixel wide; and against the official weights' own transform."""
+    from torchvision.transforms import v2 as T
+    import matplotlib
+    photo = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")
+    for resize, crop in ((256, 224), (73, 64), (36, 32)):
+        ours = utils.EvalTransform(resize, crop, interpolation, B0.mean, B0.std)
+        theirs = T.Compose([T.ToImage(), T.Resize(resize, interpolation=T.InterpolationMode(interpolation),
+                                                  antialias=True), T.CenterCrop(crop),
+                            T.ToDtype(torch.float32, scale=True), T.Normalize(B0.mean, B0.std)])
+        for w, h in ((512, 600), (600, 301), (97, 97), (resize, resize + 40), (20, 12), (1, 40)):
+            img = photo.resize((w, h))
+            assert torch.equal(ours(img), theirs(img)), (resize, crop, w, h)
+    official = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.transforms()
+    ours = build_transform(VARIANTS["b0"], 224, train=False)
+    if interpolation == "bicubic":  # the official transform's: the same pixels, scaled by /255 not *(1/255)
+        torch.testing.assert_close(ours(photo), official(photo), rtol=0, atol=1e-6)
+
+
 def _half_black_half_white():
     img = Image.new("RGB", (64, 64), (0, 0, 0))
     img.paste((255, 255, 255), (32, 0, 64, 64))

@@ -1,6 +1,7 @@
 """The performance levers users get by default, and benchmark.py itself. Speed is not asserted
 here (benchmark.py measures it as ratios); these check behaviour: that the levers do what they
 say and that the benchmark runs end to end."""
+import os
 import re
 import subprocess
 import sys
@@ -74,3 +75,24 @@ def test_validation_and_precise_bn_build_no_autograd_graph():
     utils.precise_bn(model, data, torch.device("cpu"), show=False)
     assert model.recording == [False] * 4
     assert result["confusion"].sum() == 10
+
+
+def test_predict_answers_without_importing_torchvision_or_matplotlib(tmp_path):
+    """Importing torchvision costs about a second, as long as the prediction of one image: the
+    whole of predict.py, ImageNet names for torchvision's own weight file included, runs without
+    it (and without matplotlib unless --plot)."""
+    import torchvision
+    torch.save(torchvision.models.efficientnet_b0().state_dict(), tmp_path / "b0.pth")
+    photo = os.path.join(ROOT, "data", "digits", "3", sorted(os.listdir(os.path.join(ROOT, "data", "digits", "3")))[0])
+    code = textwrap.dedent(f"""
+        import runpy, sys
+        sys.path.insert(0, {ROOT!r})
+        sys.argv = ["predict.py", {photo!r}, "--weights", {str(tmp_path / "b0.pth")!r}]
+        try:
+            runpy.run_path({os.path.join(ROOT, "predict.py")!r}, run_name="__main__")
+        finally:
+            print("imported:", sorted(m for m in ("torchvision", "matplotlib") if m in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert re.search(r"\.png: .+ \(0\.\d{3}\)", out), out  # an ImageNet class name and its probability
+    assert "imported: []" in out, out
