@@ -51,8 +51,9 @@ def get_args_parser():
                    help="only time the start of training on folders of FILES images (default 10000 100000 "
                         "1000000) against torchvision's plain start, and predict.py's memory on the first two")
     p.add_argument("--whole", action="store_true",
-                   help="only time whole commands as a user runs them (train.py 2 epochs on the digits, "
-                        "predict.py over a folder and on one image) against the plain scripts")
+                   help="only time whole commands as a user runs them (train.py for 2 epochs on the digits at "
+                        "64 px, predict.py over 15 batches of small JPEGs and on one image) against plain scripts")
+    p.add_argument("--data-path", help="--whole: the folder to train on (default: the bundled digits)")
     p.add_argument("--contender", choices=list(CONTENDERS), help=argparse.SUPPRESS)  # a child process: see measure()
     p.add_argument("--photos", help=argparse.SUPPRESS)  # the folder the "folder" contenders predict
     p.add_argument("--tensor-memory", action="store_true", help=argparse.SUPPRESS)  # see tensor_memory()
@@ -341,7 +342,8 @@ print(p.argmax().item(), f"{p.max():.3f}")
 def whole(args):
     """Whole commands as a user runs them, launch to exit on a pseudo-terminal, against the plain
     scripts above; the two take turns, median of --rounds. Speed-up = baseline seconds / ours."""
-    digits = os.path.join(HERE, "data", "digits")
+    data = args.data_path or os.path.join(HERE, "data", "digits")
+    size, batch = str(args.img_size or 64), str(args.batch_size)
     print(f"{'whole command (seconds, median of ' + str(args.rounds) + ')':<60} {'baseline':>9} {'this repo':>10} "
           f"{'speed-up':>9}")
     rows = []
@@ -362,22 +364,23 @@ def whole(args):
                 f.write(text)
         photos = os.path.join(tmp, "photos")
         os.makedirs(photos)
-        paths = write_photos(photos, 480, (96, 96))
+        paths = write_photos(photos, 15 * args.batch_size, (96, 96))
         weights = os.path.join(tmp, "b0.pth")
         torch.save(baseline_model("b0", "cpu").state_dict(), weights)  # the layout of torchvision's download
 
         base, ours, base_epoch, ours_epoch = [], [], [], []
         for r in range(args.rounds):
-            ran = on_pty([sys.executable, scripts["tutorial_train"], digits, "2", "64", "32", os.path.join(tmp, f"t{r}")])
+            ran = on_pty([sys.executable, scripts["tutorial_train"], data, "2", size, batch, os.path.join(tmp, f"t{r}")])
             base.append(ran.seconds)
             base_epoch.append(sum(float(line.split()[-1]) for line in ran.output.splitlines()
                                   if line.startswith("epoch ") and " seconds " in line) / 2)
             run = os.path.join(tmp, f"r{r}")
-            ours.append(on_pty([sys.executable, os.path.join(HERE, "train.py"), "--data-path", digits, "--epochs", "2",
-                                "--img-size", "64", "--batch-size", "32", "--output-dir", run]).seconds)
+            ours.append(on_pty([sys.executable, os.path.join(HERE, "train.py"), "--data-path", data, "--epochs", "2",
+                                "--img-size", size, "--batch-size", batch, "--output-dir", run]).seconds)
             with open(os.path.join(run, "metrics.csv"), newline="") as f:
                 ours_epoch.append(sum(float(r["epoch_seconds"]) for r in csv.DictReader(f)) / 2)
-        row("train.py, 2 epochs on the digits at 64 px, batch 32", median(base), median(ours))
+        row(f"train.py, 2 epochs on {os.path.basename(os.path.normpath(data))} at {size} px, batch {batch}",
+            median(base), median(ours))
         row("  the same, seconds per epoch", median(base_epoch), median(ours_epoch))
 
         commands = {

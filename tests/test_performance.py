@@ -10,7 +10,7 @@ import textwrap
 import torch
 
 import utils
-from conftest import ROOT, run_script
+from conftest import ROOT, copy_digits, run_script
 
 
 def resident_after_free(keep):
@@ -96,3 +96,16 @@ def test_predict_answers_without_importing_torchvision_or_matplotlib(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert re.search(r"\.png: .+ \(0\.\d{3}\)", out), out  # an ImageNet class name and its probability
     assert "imported: []" in out, out
+
+
+def test_benchmark_whole_commands_run_and_compare(tmp_path):
+    """benchmark.py --whole at a toy size: the tutorial's training script and train.py, the plain
+    folder loop and predict.py, the six-line script and predict.py on one image, each row timed."""
+    copy_digits(tmp_path / "tiny")  # 3 classes of 10: 8 train images each, whole batches of 4
+    out = run_script("benchmark.py", "--whole", "--data-path", tmp_path / "tiny", "--img-size", "32",
+                     "--batch-size", "4", "--rounds", "1", timeout=600).stdout
+    rows = re.findall(r"^(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, re.M)
+    assert [r[0].strip() for r in rows] == ["train.py, 2 epochs on tiny at 32 px, batch 4", "the same, seconds per epoch",
+                                            "predict.py over 60 96x96 JPEGs (eval 256/224)",
+                                            "predict.py on one image, launch to answer"], out
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows), out
