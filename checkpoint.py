@@ -8,8 +8,8 @@ written and read.
 Both files are dicts of plain types, so `torch.load(weights_only=True)` opens them:
 
     best.pth  {"model": state_dict, "meta": META, "epoch": int, "val_top1": float}
-    last.pth  {"model", "meta", "epoch", "best_top1", "history", "best_confusion", "optimizer",
-               "scheduler", "scaler", "ema", "rng"}: everything --resume needs
+    last.pth  {"model", "meta", "epoch", "best_top1", "history", "best_confusion", "best_predictions",
+               "optimizer", "scheduler", "scaler", "ema", "rng"}: everything --resume needs
 
 META describes the model so that predict.py needs nothing but the file: "format" (FORMAT below),
 "variant", "classes", "img_size", "bn_eps", "mean", "std", "interpolation", "eval_resize",
@@ -80,8 +80,9 @@ def save_best(path, model, meta, epoch, val_top1):
 
 def new_progress():
     """Where a run stands, as last.pth keeps it: the last finished epoch, the best val top-1 so far,
-    the metrics of each epoch and the best epoch's confusion matrix."""
-    return {"epoch": 0, "best_top1": -1.0, "history": [], "best_confusion": None}
+    the metrics of each epoch, and the best epoch's confusion matrix and per-image predictions
+    (utils.evaluate's "predictions"; None in runs saved before they were kept)."""
+    return {"epoch": 0, "best_top1": -1.0, "history": [], "best_confusion": None, "best_predictions": None}
 
 
 def save_last(path, model, meta, progress, optimizer, scheduler, scaler, ema, rng):

@@ -11,6 +11,7 @@ official files (ImageNet class names and torchvision's own eval transform) or th
 (class names from class_indices.json beside the file, or --class-indices).
 """
 import collections
+import difflib
 import glob
 import json
 import math
@@ -43,6 +44,13 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
     p.add_argument("--workers", type=int, default=utils.default_workers(), help="image decoding processes")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average each image's probabilities with its mirror image's "
+                        "(left off for a model trained with --no-hflip)")
+    p.add_argument("--cam", default=None, metavar="OUT_DIR",
+                   help="also write a class-activation map (Grad-CAM) per image into this folder, as PNGs")
+    p.add_argument("--cam-class", default=None, metavar="NAME",
+                   help="with --cam: the class whose map to draw (default: each image's top class)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast: faster on recent GPUs and AMX CPUs, "
                    "probabilities differ in the third decimal")
     return p
@@ -161,8 +169,9 @@ def load_model(weights, model_name=None, device=torch.device("cpu")):
     return model, info, transform, resize
 
 
-def predict(model, loader, device, topk, amp=False):
-    """Yields (index, probabilities of the top k, their class indices) or (index, error, None)."""
+def predict(model, loader, device, topk, amp=False, tta=False):
+    """Yields (index, probabilities of the top k, their class indices) or (index, error, None).
+    tta: the mean of the probabilities of each image and its mirror image."""
     with torch.inference_mode():
         for indices, images, failures in loader:
             for i, error in failures:
@@ -172,9 +181,80 @@ def predict(model, loader, device, topk, amp=False):
             images = images.to(device, memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 probs = model(images).float().softmax(1)
+                if tta:
+                    probs = (probs + model(images.flip(3)).float().softmax(1)) / 2
             top = probs.topk(topk)
             for i, p, c in zip(indices, top.values.tolist(), top.indices.tolist()):
                 yield i, p, c
+
+
+def cam_class_index(name, names):
+    """The class index of --cam-class NAME (None: each image's top class); a usage error if unknown."""
+    if name is None:
+        return None
+    if name not in names:
+        near = difflib.get_close_matches(name, names, n=3)
+        raise utils.UsageError(f"--cam-class {name} is not a class of these weights: "
+                               + (f"did you mean {', '.join(near)}?" if near else f"they are {', '.join(names[:8])}"
+                                  + (" ..." if len(names) > 8 else "")))
+    return names.index(name)
+
+
+def grad_cam(model, x, target=None):
+    """Grad-CAM (Selvaraju et al., 2017) for one image x [1, 3, H, W]: the last conv block's maps A_k
+    weighted by the spatial mean of d logit / d A_k, summed, negatives cut, scaled to [0, 1].
+    Returns (map [h, w] at the block's resolution, logits [classes], the class mapped: `target`, or
+    the top class)."""
+    layer = model.features[-1]
+    seen = {}
+    handle = layer.register_forward_hook(lambda module, inputs, output: seen.update(maps=output))
+    try:
+        with torch.enable_grad():
+            logits = model(x.requires_grad_())[0]  # a graph even where the weights need no gradient
+            target = int(logits.argmax()) if target is None else target
+            grad, = torch.autograd.grad(logits[target], seen["maps"])
+    finally:
+        handle.remove()
+    cam = (grad.mean((2, 3), keepdim=True) * seen["maps"]).sum(1)[0].relu().detach()
+    return cam / cam.max() if cam.max() > 0 else cam, logits.detach(), target
+
+
+def write_cams(model, dataset, device, names, topk, target, folder):
+    """One PNG per readable image in `folder`: the image as the model sees it (resized and cropped)
+    and the same with the Grad-CAM of `target` (None: the top class) over it, the top-k in the title."""
+    plt = utils.pyplot()
+    os.makedirs(folder, exist_ok=True)
+    mean, std = dataset.transform.mean, dataset.transform.std
+    written, used = 0, set()
+    for i in range(len(dataset)):
+        _, x, error = dataset[i]
+        if x is None:
+            continue
+        cam, logits, cls = grad_cam(model, x[None].to(device, memory_format=torch.channels_last), target)
+        image = (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        heat = torch.nn.functional.interpolate(cam[None, None].float().cpu(), size=x.shape[1:], mode="bilinear",
+                                               align_corners=False)[0, 0].numpy()
+        probs = logits.float().softmax(0)
+        top = probs.topk(topk)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(7.2, 4.0))
+        left.imshow(image)
+        right.imshow(image)
+        right.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        for ax in (left, right):
+            ax.axis("off")
+        left.set_title("\n".join(f"{utils.printable(names[c])[:28]} {p:.3f}"
+                                 for p, c in zip(top.values.tolist(), top.indices.tolist())), fontsize=8)
+        right.set_title(f"Grad-CAM: {utils.printable(names[cls])[:28]} ({probs[cls]:.3f})", fontsize=8)
+        fig.suptitle(utils.printable(dataset.paths[i])[-70:], fontsize=8)
+        stem = os.path.splitext(os.path.basename(dataset.paths[i]))[0]
+        name, n = f"{stem}_cam.png", 1
+        while name in used:  # the same file name in two folders
+            n += 1
+            name = f"{stem}_cam-{n}.png"
+        used.add(name)
+        utils.save_figure(fig, os.path.join(folder, name))
+        written += 1
+    return written
 
 
 def plot_predictions(results, path, limit=64):
@@ -214,6 +294,8 @@ def main(args):
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path:
             check_output_file(path, flag)
+    if args.cam and os.path.exists(args.cam) and not os.path.isdir(args.cam):
+        raise utils.UsageError(f"--cam {args.cam} is a file: give a folder for the maps, e.g. --cam cams")
     device = utils.choose_device(args.device)
     if device.type == "cpu":
         utils.keep_freed_memory()
@@ -226,9 +308,15 @@ def main(args):
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
                         collate_fn=ImagePaths.collate, pin_memory=device.type == "cuda")
 
+    cam_class = cam_class_index(args.cam_class, names) if args.cam else None
+    tta = args.tta and not (info.get("args") or {}).get("no_hflip", False)
+    if args.tta and not tta:
+        print("note: --tta left off: this model was trained with --no-hflip, so mirror images may be other "
+              "classes", file=sys.stderr)
+
     def results():
         yield from ({"path": p, "error": e} for p, e in missing)
-        for i, probs, classes in predict(model, loader, device, topk, args.amp):
+        for i, probs, classes in predict(model, loader, device, topk, args.amp, tta):
             if classes is None:
                 yield {"path": paths[i], "error": probs}
             else:
@@ -241,6 +329,9 @@ def main(args):
     else:
         report(results(), tally, args, topk, None, total)
     wrote = [f"{args.csv} ({tally.total} rows)"] if args.csv else []
+    if args.cam:
+        drawn = write_cams(model, dataset, device, names, topk, cam_class, args.cam)
+        wrote += [f"{drawn} class-activation maps to {args.cam}"]
     if args.plot:
         drawn = plot_predictions(tally.shown, args.plot, args.plot_limit)
         predicted = sum(tally.counts.values())

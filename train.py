@@ -130,7 +130,10 @@ def get_args_parser():
     run.add_argument("--resume", nargs="?", const="", default=None, metavar="FILE",
                      help="continue from FILE (a last.pth), or from --output-dir's last.pth")
     run.add_argument("--eval-only", action="store_true",
-                     help="only evaluate --weights (or --resume) on the validation set")
+                     help="only evaluate --weights (or --resume) on the validation set; writes predictions.csv "
+                          "and mistakes.png to --output-dir (default: the weights' folder)")
+    run.add_argument("--tta", action="store_true",
+                     help="with --eval-only: average each image's probabilities with its mirror image's")
     run.add_argument("--log-interval", type=float, default=30,
                      help="seconds between progress lines when the output is not a terminal (a log file, nohup)")
     return p
@@ -176,6 +179,8 @@ def check_args(p, args):
         p.error(f"--ema-decay must be between 0 and 1 (got {args.ema_decay})")
     if not 0 <= args.seed < 2**32:
         p.error(f"--seed must be between 0 and 2**32 - 1 (got {args.seed})")
+    if args.tta and not args.eval_only:
+        p.error("--tta is for --eval-only (and predict.py): training always validates on the plain images")
     if args.eval_only and args.weights is None and args.resume is None:
         p.error("--eval-only needs the weights to evaluate: --weights FILE (e.g. a best.pth) or --resume FILE")
     if args.batch_size == 1 and args.img_size == 32:
@@ -261,7 +266,7 @@ def build_data(args, device):
                         draft_size=utils.eval_draft_size(variant.eval_sizes(args.img_size)[0]),
                         transform=utils.build_transform(variant, args.img_size, train=False))
     # every validation image is evaluated exactly once across ranks: no padding, no duplicates
-    val_part = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    val_part = utils.IndexedSubset(val_set, range(rank, len(val_set), world))  # indices: for predictions.csv
     weights = utils.balanced_weights(split.train_labels) if args.balance else None
     train_sampler = utils.EpochSampler(train_set, world, rank, shuffle=True, seed=args.seed, weights=weights)
     workers = utils.usable_workers(args.workers)
@@ -376,7 +381,7 @@ def build_optimization(args, models, batches_per_epoch, device, ckpt):
             models.ema.load_state_dict(ckpt["ema"])
         rngs = ckpt["rng"]
         utils.set_rng_state(rngs[min(utils.rank(), len(rngs) - 1)])
-        progress = {k: ckpt[k] for k in progress}
+        progress = {k: ckpt.get(k, v) for k, v in progress.items()}  # keys added since: their start value
         so_far = (f"best val top-1 so far {progress['best_top1']:.4f}" if progress["epoch"]
                   else "no epoch had finished")
         utils.print0(f"resuming {args.output_dir} at epoch {progress['epoch'] + 1} ({so_far})")
@@ -384,14 +389,39 @@ def build_optimization(args, models, batches_per_epoch, device, ckpt):
 
 
 def evaluate_only(args, models, data, device):
+    """--eval-only: the metrics, each class's figures, and predictions.csv and mistakes.png in
+    --output-dir (default: the folder of the weights evaluated)."""
     classes = data.split.classes
-    result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last, utils.rank() == 0)
-    utils.print0(f"{len(data.split.val_images)} validation images: loss {result['val_loss']:.4f}  "
-                 f"top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}")
+    tta = args.tta and not trained_without_flips(args)
+    result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last,
+                            utils.rank() == 0, tta=tta)
+    utils.print0(f"{len(data.split.val_images)} validation images{' (--tta: with their mirror images)' if tta else ''}: "
+                 f"loss {result['val_loss']:.4f}  top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}")
     for row in utils.per_class_rows(result["confusion"], classes):
         utils.print0(f"  {row['class']:>20}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
                      f"f1 {row['f1']:.3f}  support {row['support']}")
+    if utils.rank() == 0:
+        folder = args.output_dir or os.path.dirname(os.path.abspath(args.weights or args.resume))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            utils.print0(utils.write_mistakes(folder, result["predictions"], data.split, "validation, "
+                                              f"{os.path.basename(args.weights or args.resume)}"))
+        except OSError as e:
+            utils.print0(f"warning: cannot write predictions.csv and mistakes.png to {folder} ({e.strerror}); "
+                         "name a writable folder with --output-dir", file=sys.stderr)
     return 0
+
+
+def trained_without_flips(args):
+    """True (with a note) when --tta would show the model mirror images it was trained never to see."""
+    meta = {}
+    if args.weights and os.path.isfile(args.weights):
+        meta = checkpoint.load_checkpoint(args.weights).get("meta") or {}
+    no_hflip = args.no_hflip or (meta.get("args") or {}).get("no_hflip", False)
+    if no_hflip:
+        utils.print0("note: --tta left off: the model was trained with --no-hflip, so its mirror images may be "
+                     "other classes", file=sys.stderr)
+    return no_hflip
 
 
 def start_outputs(args, ckpt, split, save_first):
@@ -494,7 +524,8 @@ def fit(args, models, data, optimization, progress, meta, device):
             problem = utils.learning_problem(result["confusion"], classes)
             stuck = stuck + 1 if problem else 0
             if result["val_top1"] > progress["best_top1"]:
-                progress.update(best_top1=result["val_top1"], best_confusion=result["confusion"])
+                progress.update(best_top1=result["val_top1"], best_confusion=result["confusion"],
+                                best_predictions=result["predictions"])
                 if is_main:
                     plain = models.raw if models.ema is None else models.ema.module
                     checkpoint.save_best(out("best.pth"), plain, meta, epoch, result["val_top1"])
@@ -513,7 +544,7 @@ def fit(args, models, data, optimization, progress, meta, device):
                 data.check.report()
         if data.check is not None:
             data.check.report(wait=True)
-        finish(args, progress, classes)
+        finish(args, progress, data.split)
     except KeyboardInterrupt:
         return interrupted(args, done)
     except utils.NonFiniteLossError as e:
@@ -537,8 +568,9 @@ def epoch_line(args, row, history, num_classes, problem):
     return line + (f"\n  not learning yet: {problem}" if problem else "")
 
 
-def finish(args, progress, classes):
-    """The best epoch's confusion matrix and per-class figures, and the last word of the run."""
+def finish(args, progress, split):
+    """The best epoch's confusion matrix, per-class figures and mistakes, and the last word of the run."""
+    classes = split.classes
     best, confusion = progress["best_top1"], progress["best_confusion"]
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
     if utils.rank() == 0 and confusion is not None:
@@ -546,6 +578,9 @@ def finish(args, progress, classes):
         utils.plot_confusion(confusion, classes, out("confusion_matrix.png"),
                              f"validation, epoch {best_epoch} (best.pth): top-1 {best:.4f}")
         utils.write_per_class(out("per_class.csv"), confusion, classes)
+        if progress["best_predictions"] is not None:
+            utils.print0(utils.write_mistakes(args.output_dir, progress["best_predictions"], split,
+                                              f"validation, epoch {best_epoch} (best.pth)"))
     utils.print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
     problem = confusion is not None and utils.learning_problem(confusion, classes)
     if problem:

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from checkpoint import atomic_write
-from my_dataset import MyDataSet, shape_problem
+from my_dataset import MyDataSet, load_rgb, shape_problem
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VAL_FOLDERS = ("val", "valid", "validation")
@@ -505,7 +505,7 @@ def make_loader(dataset, batch_size, train, workers, device, sampler=None):
         num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
         # an incomplete last batch is left out of training: BatchNorm statistics of a few images are
         # noisy; the shuffle puts other images there in the next epoch
-        drop_last=train and len(dataset) > batch_size, collate_fn=MyDataSet.collate_fn,
+        drop_last=train and len(dataset) > batch_size, collate_fn=getattr(dataset, "collate_fn", MyDataSet.collate_fn),
         # worker seeds from a generator of the loader's own: the global RNG (dropout) stays untouched
         generator=torch.Generator().manual_seed(0))
 
@@ -789,28 +789,71 @@ def precise_bn(model, loader, device, channels_last=False, show=True):
 
 
 @torch.inference_mode()
-def evaluate(model, loader, device, num_classes, channels_last=False, show=True):
+def evaluate(model, loader, device, num_classes, channels_last=False, show=True, tta=False):
     """Loss, top-1, top-5 (top-k capped at the class count) and the confusion matrix over every
     image in `loader`, summed over all ranks: each rank must see a disjoint part of the data.
-    Always in fp32, as predict.py runs by default, so the accuracy reported is the one users get."""
+    Always in fp32, as predict.py runs by default, so the accuracy reported is the one users get.
+    tta: the mean of the probabilities of each image and its mirror image. When the loader gives
+    dataset indices too (IndexedSubset), "predictions" holds every image's (index, predicted class,
+    its probability, the true class's probability), gathered from all ranks, in index order."""
     model.eval()
     n = num_classes
     confusion = torch.zeros(n * n, dtype=torch.int64, device=device)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, top-5 hits
-    for images, labels in tqdm(loader, desc="validate", disable=None if show else True, leave=False, dynamic_ncols=True):
+    records = []
+    for images, labels, *index in tqdm(loader, desc="validate", disable=None if show else True, leave=False,
+                                       dynamic_ncols=True):
         if len(images) == 0:
             continue
         images, labels = to_device(images, labels, device, channels_last)
-        logits = model(images).float()
-        sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
-        sums[1] += (logits.topk(min(5, n)).indices == labels[:, None]).any(1).sum()
-        confusion += torch.bincount(labels * n + logits.argmax(1), minlength=n * n)
+        log_probs = mirror_averaged(model, images) if tta else model(images).float().log_softmax(1)
+        sums[0] += torch.nn.functional.nll_loss(log_probs, labels, reduction="sum")
+        sums[1] += (log_probs.topk(min(5, n)).indices == labels[:, None]).any(1).sum()
+        confusion += torch.bincount(labels * n + log_probs.argmax(1), minlength=n * n)
+        if index:
+            probs = log_probs.exp()
+            top = probs.max(1)
+            records.append(torch.stack([index[0].double(), top.indices.cpu().double(), top.values.cpu().double(),
+                                        probs.gather(1, labels[:, None])[:, 0].cpu().double()], 1))
     all_reduce_sum(confusion)
     all_reduce_sum(sums)
     confusion = confusion.view(n, n).cpu()
     total = max(confusion.sum().item(), 1)
-    return {"val_loss": sums[0].item() / total, "val_top1": confusion.trace().item() / total,
-            "val_top5": sums[1].item() / total, "confusion": confusion}
+    result = {"val_loss": sums[0].item() / total, "val_top1": confusion.trace().item() / total,
+              "val_top5": sums[1].item() / total, "confusion": confusion}
+    if records or is_distributed() and isinstance(loader.dataset, IndexedSubset):
+        mine = torch.cat(records) if records else torch.zeros(0, 4, dtype=torch.float64)
+        table = torch.cat(gather_objects(mine))
+        table = table[table[:, 0].argsort()]
+        result["predictions"] = {"index": table[:, 0].long(), "predicted": table[:, 1].long(),
+                                 "prob": table[:, 2].float(), "prob_true": table[:, 3].float()}
+    return result
+
+
+def mirror_averaged(model, images):
+    """log of the mean of the softmax of the images and of their mirror images (test-time augmentation)."""
+    probs = model(images).float().softmax(1) + model(images.flip(3)).float().softmax(1)
+    return (probs / 2).log()
+
+
+class IndexedSubset(torch.utils.data.Dataset):
+    """The samples of `dataset` at `indices`, each with its index there: (image, label, index)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        sample = self.dataset[self.indices[i]]
+        return None if sample is None else (*sample, self.indices[i])
+
+    @staticmethod
+    def collate_fn(batch):
+        batch = [sample for sample in batch if sample is not None]
+        images, labels = MyDataSet.collate_fn([sample[:2] for sample in batch])
+        return images, labels, torch.as_tensor([sample[2] for sample in batch], dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -947,6 +990,49 @@ def plot_curves(history, path, num_classes):
         ax.axvline(best["epoch"], color="crimson", alpha=0.25, linestyle="--")
     for ax in (ax_loss, ax_acc):  # below the axes, never over the curves
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False, fontsize=8)
+    save_figure(fig, path)
+
+
+def write_mistakes(folder, predictions, split, title, limit=48):
+    """predictions.csv (every validation image: path, true and predicted class, the probability of
+    each) and mistakes.png (the `limit` most confident mistakes) in `folder`; a line that says so."""
+    classes, index = split.classes, predictions["index"].tolist()
+    paths = [split.val_images[i] for i in index]
+    true = [split.val_labels[i] for i in index]
+    predicted, prob, prob_true = (predictions[k].tolist() for k in ("predicted", "prob", "prob_true"))
+    rows = ["path,true,predicted,prob,prob_true,correct"]
+    rows += [",".join([csv_field(path), csv_field(classes[t]), csv_field(classes[p]), f"{q:.4f}", f"{qt:.4f}",
+                       str(int(t == p))]) for path, t, p, q, qt in zip(paths, true, predicted, prob, prob_true)]
+    atomic_write_text(os.path.join(folder, "predictions.csv"), "\n".join(rows) + "\n")
+    wrong = sorted((i for i in range(len(paths)) if true[i] != predicted[i]), key=lambda i: -prob[i])
+    if not wrong:
+        return f"no mistakes: all {len(paths)} validation images right (predictions.csv lists them)"
+    tiles = [(paths[i], f"{printable(classes[true[i]])[:14]} -> {printable(classes[predicted[i]])[:14]} "
+                        f"({prob[i]:.2f})") for i in wrong[:limit]]
+    plot_tiles(tiles, os.path.join(folder, "mistakes.png"),
+               f"{title}: {len(wrong)} of {len(paths)} wrong, most confident first (true -> predicted (prob))")
+    shown = f"the {len(tiles)} most confident" if len(tiles) < len(wrong) else f"all {len(wrong)}"
+    return (f"mistakes.png: {shown} of {len(wrong)} wrong validation images; predictions.csv: all {len(paths)}, "
+            "with the probability of the true class")
+
+
+def plot_tiles(tiles, path, title):
+    """A grid of (image path, caption) tiles, 8 to a row, each image shown whole."""
+    plt = pyplot()
+    cols = min(8, len(tiles))
+    rows = math.ceil(len(tiles) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, caption) in zip(axes.flat, tiles):
+        try:
+            img = load_rgb(image, 256)
+            img.thumbnail((160, 160))
+            ax.imshow(img)
+        except Exception:  # gone or broken since it was evaluated
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{caption}\n{printable(os.path.basename(image))[:24]}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
 
 

@@ -72,7 +72,12 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     # 3 classes of 8, 8, 7 images: 2 + 2 + 1 = 5 validation images, an odd number for 2 ranks
-    single = run_script("train.py", "--data-path", data, *FAST, "--weights", out / "best.pth", "--eval-only")
+    with open(out / "predictions.csv", newline="") as f:  # gathered from both ranks: each image once
+        predictions = list(csv.DictReader(f))
+    assert len({r["path"] for r in predictions}) == len(predictions) == 5
+    assert sum(int(r["correct"]) for r in predictions) == round(best["val_top1"] * 5)
+    single = run_script("train.py", "--data-path", data, *FAST, "--weights", out / "best.pth", "--eval-only",
+                        "--output-dir", tmp_path / "single")
     assert "5 validation images" in single.stdout
     assert f"top-1 {best['val_top1']:.4f}" in single.stdout
     assert best["val_top1"] * 5 == round(best["val_top1"] * 5)  # a whole number of the 5 images

@@ -107,12 +107,14 @@ def test_finetune_from_torchvision_file_with_other_class_count(tiny_data, tmp_pa
     assert not torch.equal(source["features.top.0.weight"], trained["features.top.0.weight"])
 
 
-def test_eval_only_reports_without_writing(tiny_data, tmp_path):
-    """--eval-only evaluates a checkpoint on the validation split and writes nothing."""
+def test_eval_only_reports_and_writes_only_its_predictions(tiny_data, tmp_path):
+    """--eval-only evaluates a checkpoint on the validation split; beside the weights it writes
+    predictions.csv and mistakes.png (as the run did), nothing else, and no run folder."""
     out = tmp_path / "run"
     run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--epochs", "1")
     best = torch.load(out / "best.pth", weights_only=True)
     files = sorted(os.listdir(out))
+    assert "predictions.csv" in files
     result = run_script("train.py", "--data-path", tiny_data, *FAST, "--weights", out / "best.pth",
                         "--eval-only", cwd=tmp_path)
     assert f"top-1 {best['val_top1']:.4f}" in result.stdout
