@@ -306,7 +306,8 @@ def main(args):
     dataset = ImagePaths(paths, transform, draft_size=utils.eval_draft_size(resize))
     workers = utils.usable_workers(args.workers) if len(paths) > args.batch_size else 0
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
-                        collate_fn=ImagePaths.collate, pin_memory=device.type == "cuda")
+                        collate_fn=ImagePaths.collate, pin_memory=device.type == "cuda",
+                        worker_init_fn=utils.quiet_on_sigterm)
 
     cam_class = cam_class_index(args.cam_class, names) if args.cam else None
     tta = args.tta and not (info.get("args") or {}).get("no_hflip", False)

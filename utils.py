@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import platform
 import random
+import signal
 import sys
 import time
 import warnings
@@ -507,7 +508,14 @@ def make_loader(dataset, batch_size, train, workers, device, sampler=None):
         # noisy; the shuffle puts other images there in the next epoch
         drop_last=train and len(dataset) > batch_size, collate_fn=getattr(dataset, "collate_fn", MyDataSet.collate_fn),
         # worker seeds from a generator of the loader's own: the global RNG (dropout) stays untouched
-        generator=torch.Generator().manual_seed(0))
+        generator=torch.Generator().manual_seed(0), worker_init_fn=quiet_on_sigterm)
+
+
+def quiet_on_sigterm(worker_id=None):
+    """In a data loader worker: SIGTERM ends it at once and quietly. A signal sent to the whole
+    process group (Slurm's scancel, kill -- -PGID) reaches the workers too; killed by it, they made
+    PyTorch print a traceback while the main process was saving and saying how to resume."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -156,10 +156,10 @@ def test_resume_with_other_classes(tiny_data, tmp_path):
 
 # ---- kills and signals ------------------------------------------------------------------------
 
-def start(args, cwd=None):
+def start(args, cwd=None, new_session=False):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)]
     return subprocess.Popen(cmd, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=new_session)
 
 
 def wait_for_epoch(run_dir, epoch, proc, timeout=240):
@@ -187,16 +187,24 @@ def test_kill_9_then_resume_logs_every_epoch_once(tiny_data, tmp_path):
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 4
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_and_prints_resume_command(tiny_data, tmp_path, sig):
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c at a terminal", "scancel or kill -- -PGID", "kill PID"])
+def test_signal_saves_and_prints_resume_command(tiny_data, tmp_path, sig, group):
+    """A signal to train.py alone, or to its whole process group, data loader workers included (as
+    Ctrl-C at a terminal and Slurm's scancel send it): exit 130, the resume command, no traceback
+    (a worker ended by SIGTERM used to leave one from PyTorch's worker watchdog)."""
     run = tmp_path / "run"
-    proc = start(["--data-path", tiny_data, "--output-dir", run, *FAST, "--epochs", "50"])
+    flags = [*FAST, "--workers", "2"] if group else FAST
+    proc = start(["--data-path", tiny_data, "--output-dir", run, *flags, "--epochs", "50"], new_session=group)
     wait_for_epoch(run, 1, proc)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert f"python train.py --resume {run / 'last.pth'}" in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     last = torch.load(run / "last.pth", weights_only=True)
     assert last["epoch"] >= 1 and len(last["history"]) == last["epoch"]
 
