@@ -332,7 +332,7 @@ def main(args):
     wrote = [f"{args.csv} ({tally.total} rows)"] if args.csv else []
     if args.cam:
         drawn = write_cams(model, dataset, device, names, topk, cam_class, args.cam)
-        wrote += [f"{drawn} class-activation maps to {args.cam}"]
+        wrote += [f"{drawn} class-activation map{'s' if drawn != 1 else ''} to {args.cam}"]
     if args.plot:
         drawn = plot_predictions(tally.shown, args.plot, args.plot_limit)
         predicted = sum(tally.counts.values())

@@ -1019,8 +1019,8 @@ def write_mistakes(folder, predictions, split, title, limit=48):
                         f"({prob[i]:.2f})") for i in wrong[:limit]]
     plot_tiles(tiles, os.path.join(folder, "mistakes.png"),
                f"{title}: {len(wrong)} of {len(paths)} wrong, most confident first (true -> predicted (prob))")
-    shown = f"the {len(tiles)} most confident" if len(tiles) < len(wrong) else f"all {len(wrong)}"
-    return (f"mistakes.png: {shown} of {len(wrong)} wrong validation images; predictions.csv: all {len(paths)}, "
+    shown = f"the {len(tiles)} most confident of {len(wrong)}" if len(tiles) < len(wrong) else f"all {len(wrong)}"
+    return (f"mistakes.png: {shown} wrong validation images; predictions.csv: all {len(paths)}, "
             "with the probability of the true class")
 
 

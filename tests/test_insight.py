@@ -51,7 +51,7 @@ def test_training_ends_with_predictions_and_mistakes(trained):
         assert "no mistakes: all 6 validation images right" in stdout and not (run / "mistakes.png").exists()
     else:
         wrong = sum(not int(r["correct"]) for r in rows)
-        assert f"of {wrong} wrong validation images" in stdout
+        assert f"mistakes.png: all {wrong} wrong validation images" in stdout
         with Image.open(run / "mistakes.png") as img:
             assert img.format == "PNG" and img.width > 150
     assert torch.load(run / "last.pth", weights_only=True)["best_predictions"]["index"].tolist() == list(range(6))
