@@ -13,6 +13,7 @@ contenders take turns; memory is measured in a fresh process per contender (see 
 """
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import resource
@@ -467,6 +468,18 @@ def infer_step(args, device, x, torchvision_model=False, bf16=False):
     return infer_fn(model, x.contiguous(memory_format=torch.channels_last), torch.bfloat16 if bf16 else None)
 
 
+def infer_exported(args, device, x, fmt):
+    """predict.py's path through an exported file (export.py, dynamic batch): the loaded
+    ExportedProgram, or ONNX Runtime on the CPU."""
+    import export
+    model = fuse_bn(create_model(args.model).to(device)).eval()
+    with tempfile.TemporaryDirectory() as folder:  # both loaders read the whole file in
+        path = os.path.join(folder, f"model.{fmt}")
+        export.save(export.export_program(model, x.shape[-1], True), fmt, path)
+        exported = export.ExportedModel(path, True, device)
+    return infer_fn(exported, x)
+
+
 # One row per contender, each timed in a fresh process of its own so that none inherits another's
 # allocator state. kind: "train" and "infer" time steps of `run`'s function, "folder" calls `run`
 # for images/s over a folder of JPEGs; glibc: keep the C allocator's defaults (the baselines),
@@ -495,6 +508,10 @@ CONTENDERS = {
     "infer": Contender("infer", infer_step, rows=[("inference: predict.py vs torchvision eager", "infer-baseline", "rate")]),
     "infer-bf16": Contender("infer", partial(infer_step, bf16=True), rows=[
         ("inference, predict.py --amp (bf16)", "infer-baseline", "rate")]),
+    "infer-pt2": Contender("infer", partial(infer_exported, fmt="pt2"), rows=[
+        ("inference: export.py .pt2, loaded program", "infer-baseline", "rate")]),
+    "infer-onnx": Contender("infer", partial(infer_exported, fmt="onnx"), rows=[
+        ("inference: export.py .onnx, ONNX Runtime", "infer-baseline", "rate")]),
     "folder-baseline": Contender("folder", folder_rate_baseline, glibc=True),
     "folder": Contender("folder", folder_rate, rows=[
         ("predict.py over {photos} JPEGs vs plain torchvision loop", "folder-baseline", "rate")]),
@@ -592,6 +609,10 @@ def main(args):
         print(f"{name:<52} {ours:>10.1f} {base:>10.1f} {unit:<6} {ours / base:>6.2f}x", flush=True)
 
     chosen = {name: c for name, c in CONTENDERS.items() if c.only is None or getattr(args, c.only)}
+    import export
+    if export.missing_onnx_packages() or importlib.util.find_spec("onnxruntime") is None:
+        print("(no ONNX row: pip install -r requirements-export.txt for it)")
+        chosen.pop("infer-onnx")
     weighed = {n for name, c in chosen.items() for _, versus, metric in c.rows if metric == "tensor" for n in (name, versus)}
     with tempfile.TemporaryDirectory() as photos:
         write_photos(photos, 10 * b, (500, 375))

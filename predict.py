@@ -157,7 +157,10 @@ class ImagePaths(Dataset):
 
 def load_model(weights, model_name=None, device=torch.device("cpu")):
     """(model ready for inference, what the file says of itself (read_weights' info: variant,
-    class count, and for this repo's checkpoints classes and preprocessing), eval transform, resize)."""
+    class count, and for this repo's checkpoints classes and preprocessing), eval transform, resize).
+    An exported .pt2 or .onnx (export.py) comes with what its FILE.json says."""
+    if weights.endswith((".pt2", ".onnx")):
+        return load_exported(weights, device)
     ckpt = checkpoint.load_checkpoint(weights)  # opened once: read_weights and create_model take the loaded file
     _, info = read_weights(ckpt, where=weights)
     if model_name is not None and model_name != info["variant"]:
@@ -165,6 +168,28 @@ def load_model(weights, model_name=None, device=torch.device("cpu")):
                            f"{model_name.upper()}: use --model {info['variant']} or leave --model out")
     model = create_model(info["variant"], info["num_classes"], weights=ckpt, verbose=False)
     model = fuse_bn(model).to(device, memory_format=torch.channels_last)
+    transform, resize = eval_transform(info, info["variant"])
+    return model, info, transform, resize
+
+
+def load_exported(path, device):
+    """export.py's file and its FILE.json: a callable taking and returning torch tensors."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"--weights: no file at {path}")
+    try:
+        with open(path + ".json", encoding="utf-8") as f:
+            side = json.load(f)
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path} needs the {os.path.basename(path)}.json that export.py writes beside it "
+                           f"({getattr(e, 'strerror', None) or e}); export again") from None
+    import export
+    if export.sha256(path) != side.get("sha256"):
+        raise WeightsError(f"{path}.json describes another file (its sha256 differs): export again")
+    info = {"variant": side["variant"], "num_classes": len(side["classes"]), "classes": side["classes"],
+            "img_size": side["crop"], "eval_resize": side["resize"], "eval_crop": side["crop"],
+            "interpolation": side["interpolation"], "mean": side["mean"], "std": side["std"],
+            "args": side.get("trained_with", {}), "source": "export"}
+    model = export.ExportedModel(path, side["input"]["shape"][0] == "batch", device)
     transform, resize = eval_transform(info, info["variant"])
     return model, info, transform, resize
 
@@ -309,6 +334,8 @@ def main(args):
                         collate_fn=ImagePaths.collate, pin_memory=device.type == "cuda",
                         worker_init_fn=utils.quiet_on_sigterm)
 
+    if args.cam and info.get("source") == "export":
+        raise utils.UsageError("--cam needs the best.pth the export came from: an exported file has no gradients")
     cam_class = cam_class_index(args.cam_class, names) if args.cam else None
     tta = args.tta and not (info.get("args") or {}).get("no_hflip", False)
     if args.tta and not tta:

@@ -48,9 +48,10 @@ def test_benchmark_runs_every_row_with_positive_ratios():
     rows = re.findall(r"^(.+?)\s+([\d.]+)\s+([\d.]+)\s+(img/s|MiB)\s+([\d.]+)x$", out, re.M)
     names = [r[0] for r in rows]
     for expected in ("train step: train.py default vs tutorial loop", "peak tensor memory of a training step",
-                     "inference: predict.py vs torchvision eager", "predict.py over 20 JPEGs"):
+                     "inference: predict.py vs torchvision eager", "predict.py over 20 JPEGs",
+                     "inference: export.py .pt2", "inference: export.py .onnx"):
         assert any(n.startswith(expected) for n in names), (expected, out)
-    assert len(rows) == 15, out
+    assert len(rows) == 17, out
     assert all(float(r[1]) > 0 and float(r[2]) > 0 and float(r[4]) > 0 for r in rows), out
 
 

@@ -236,11 +236,15 @@ def test_ctrl_c_during_a_save_finishes_the_file_first(tmp_path):
     """Ctrl-C in the middle of torch.save used to leave the zip writer broken and end in its own
     RuntimeError, a traceback; now the save completes and the interrupt follows it."""
     path = tmp_path / "last.pth"
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save({"v": torch.ones(3), "late": CtrlCWhilePickled(), "w": torch.zeros(2)}, path)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in train.py
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save({"v": torch.ones(3), "late": CtrlCWhilePickled(), "w": torch.zeros(2)}, path)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before if before is not None else signal.SIG_DFL)
     saved = torch.load(path, weights_only=False)
     assert saved["late"] == 7 and torch.equal(saved["w"], torch.zeros(2))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert os.listdir(tmp_path) == ["last.pth"]
 
 

@@ -1,0 +1,186 @@
+"""Export a trained EfficientNet to run without this repo: a torch.export program (.pt2) or an
+ONNX model (.onnx), BatchNorm folded into the convs, in eval mode, taking a float32 NCHW batch of
+normalised RGB images and returning logits. Beside it, FILE.json says what a caller needs: class
+names, input size, mean and std, resize, crop and interpolation, the variant, the file's sha256.
+
+    python export.py --weights weights/b0-digits/best.pth --format onnx      # -> best.onnx, best.onnx.json
+    python export.py --weights best.pth --format pt2 --dynamic-batch --output deploy/b0.pt2
+    python predict.py photo.jpg --weights best.onnx                          # same top-k as best.pth
+
+ONNX needs `pip install -r requirements-export.txt` (onnx, onnxscript, onnxruntime); pt2 needs
+only torch. Both run on a CPU here; a batch of one image unless --dynamic-batch.
+"""
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+import predict
+import utils
+from checkpoint import WeightsError
+
+SIDECAR_FORMAT = 1  # the version of FILE.json's layout
+ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export needs; onnxruntime runs the result
+
+
+def get_args_parser():
+    p = utils.ArgumentParser(description="Export a trained EfficientNet to ONNX or torch.export (.pt2).")
+    p.add_argument("--weights", required=True, help="best.pth from train.py, or a torchvision / tutorial state_dict")
+    p.add_argument("--format", default="onnx", choices=["onnx", "pt2"], help="onnx (needs requirements-export.txt) "
+                   "or pt2 (torch.export, needs only torch)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input side in pixels (default: the crop the model is evaluated at)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: one image per call)")
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="the exported file (default: beside the weights, e.g. best.onnx); FILE.json goes beside it")
+    return p
+
+
+def missing_onnx_packages():
+    import importlib.util
+    return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def sizes(info, img_size):
+    """(resize, crop) of the exported input: the checkpoint's own, or scaled to --img-size with its ratio."""
+    _, resize = predict.eval_transform(info, info["variant"])
+    crop = info.get("eval_crop") or predict.VARIANTS[info["variant"]].eval_crop
+    if img_size is None or img_size == crop:
+        return resize, crop
+    return round(img_size * resize / crop), img_size
+
+
+def export_program(model, crop, dynamic_batch):
+    """torch.export of `model` for a float32 [batch, 3, crop, crop] input: the graph both formats are written from."""
+    example = torch.randn(2 if dynamic_batch else 1, 3, crop, crop)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    return torch.export.export(model, (example,), dynamic_shapes=shapes)
+
+
+def save(program, fmt, path):
+    """Write the program as .pt2 or .onnx through a temporary file in the same folder, so that a
+    failure leaves nothing; returns the ONNX opset (None for pt2)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=f".tmp.{fmt}")
+    os.close(fd)
+    try:
+        opset = None
+        if fmt == "pt2":
+            torch.export.save(program, tmp)
+        else:
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+                onnx_program = torch.onnx.export(program, dynamo=True, input_names=["images"],
+                                                 output_names=["logits"], verbose=False)
+            onnx_program.save(tmp)
+            opset = next(o.version for o in onnx_program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return opset
+
+
+def current_umask():
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sidecar(info, names, resize, crop, fmt, dynamic_batch, path, opset):
+    """FILE.json: all that a caller needs to feed the exported model and read its answer."""
+    return {
+        "format": SIDECAR_FORMAT, "file": os.path.basename(path), "sha256": sha256(path), "export": fmt,
+        **({"onnx_opset": opset} if opset else {}),
+        "variant": info["variant"], "classes": list(names),
+        "input": {"name": "images", "shape": ["batch" if dynamic_batch else 1, 3, crop, crop], "dtype": "float32",
+                  "layout": "NCHW, RGB, (pixel / 255 - mean) / std"},
+        "output": {"name": "logits", "shape": ["batch" if dynamic_batch else 1, len(names)],
+                   "meaning": "logits: softmax over the last axis gives the class probabilities"},
+        "resize": resize, "crop": crop, "interpolation": info.get("interpolation") or
+        predict.VARIANTS[info["variant"]].interpolation,
+        "mean": list(info.get("mean") or predict.VARIANTS[info["variant"]].mean),
+        "std": list(info.get("std") or predict.VARIANTS[info["variant"]].std),
+        "preprocess": f"resize the shorter side to {resize} (antialiased), centre crop {crop}x{crop}",
+        "trained_with": {"no_hflip": bool((info.get("args") or {}).get("no_hflip", False))},
+    }
+
+
+class ExportedModel:
+    """An exported file as predict.py calls a model: a batch of images in, logits out (torch
+    tensors). A file exported for one image at a time is called once per image."""
+
+    def __init__(self, path, dynamic_batch, device):
+        self.dynamic_batch, self.device = dynamic_batch, device
+        if path.endswith(".pt2"):
+            self.run = torch.export.load(path).module().to(device)
+            return
+        try:
+            import onnxruntime
+        except ImportError:
+            raise utils.UsageError(f"{path} is an ONNX file: pip install -r requirements-export.txt for onnxruntime "
+                                   "(or export --format pt2)") from None
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.run = lambda x: torch.from_numpy(session.run(None, {"images": x.cpu().numpy()})[0]).to(device)
+
+    def __call__(self, images):
+        images = images.contiguous()
+        if self.dynamic_batch:
+            return self.run(images)
+        return torch.cat([self.run(image[None]) for image in images])
+
+
+def main(args):
+    if args.format == "onnx" and (missing := missing_onnx_packages()):
+        print(f"error: --format onnx needs {', '.join(missing)}: pip install -r requirements-export.txt "
+              "(or use --format pt2, which needs only torch)", file=sys.stderr)
+        return 2
+    if args.img_size is not None and not 32 <= args.img_size <= 1024:
+        raise utils.UsageError(f"--img-size must be between 32 and 1024 (got {args.img_size})")
+    output = args.output or os.path.splitext(args.weights)[0] + "." + args.format
+    if not output.endswith("." + args.format):
+        raise utils.UsageError(f"--output {output}: a {args.format} file should end in .{args.format}")
+    predict.check_output_file(output, "--output")
+    if os.path.abspath(output) == os.path.abspath(args.weights):
+        raise utils.UsageError(f"--output {output} is the weights file itself; choose another name")
+    model, info, _, _ = predict.load_model(args.weights)
+    if info.get("source") == "export":
+        raise WeightsError(f"{args.weights} is an exported file already; export from the best.pth it came from")
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = predict.class_names(info, args.weights, None, info["num_classes"])
+    resize, crop = sizes(info, args.img_size)
+    opset = save(export_program(model, crop, args.dynamic_batch), args.format, output)
+    meta = sidecar(info, names, resize, crop, args.format, args.dynamic_batch, output, opset)
+    utils.atomic_write_text(output + ".json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    size = os.path.getsize(output) / 2**20
+    print(f"wrote {output} ({size:.1f} MiB, EfficientNet-{info['variant'].upper()}, {len(names)} classes, input "
+          f"{meta['input']['shape']}{f', ONNX opset {opset}' if opset else ''}) and {output}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    utils.quiet_warnings()
+    try:
+        sys.exit(main(args))
+    except (utils.UsageError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
