@@ -159,6 +159,7 @@ def load_model(weights, model_name=None, device=torch.device("cpu")):
     """(model ready for inference, what the file says of itself (read_weights' info: variant,
     class count, and for this repo's checkpoints classes and preprocessing), eval transform, resize).
     An exported .pt2 or .onnx (export.py) comes with what its FILE.json says."""
+    weights = os.fspath(weights)
     if weights.endswith((".pt2", ".onnx")):
         return load_exported(weights, device)
     ckpt = checkpoint.load_checkpoint(weights)  # opened once: read_weights and create_model take the loaded file
