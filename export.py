@@ -16,10 +16,10 @@ import io
 import json
 import os
 import sys
-import tempfile
 
 import torch
 
+import checkpoint
 import predict
 import utils
 from checkpoint import WeightsError
@@ -63,34 +63,16 @@ def export_program(model, crop, dynamic_batch):
 
 
 def save(program, fmt, path):
-    """Write the program as .pt2 or .onnx through a temporary file in the same folder, so that a
-    failure leaves nothing; returns the ONNX opset (None for pt2)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=f".tmp.{fmt}")
-    os.close(fd)
-    try:
-        opset = None
-        if fmt == "pt2":
-            torch.export.save(program, tmp)
-        else:
-            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-                onnx_program = torch.onnx.export(program, dynamo=True, input_names=["images"],
-                                                 output_names=["logits"], verbose=False)
-            onnx_program.save(tmp)
-            opset = next(o.version for o in onnx_program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return opset
-
-
-def current_umask():
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
+    """Write the program as .pt2 or .onnx, whole or not at all (checkpoint.atomic_write); returns
+    the ONNX opset (None for pt2)."""
+    if fmt == "pt2":
+        checkpoint.atomic_write(path, lambda f: torch.export.save(program, f))
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        onnx_program = torch.onnx.export(program, dynamo=True, input_names=["images"], output_names=["logits"],
+                                         verbose=False)
+    checkpoint.atomic_write(path, lambda f: f.write(onnx_program.model_proto.SerializeToString()))
+    return next(o.version for o in onnx_program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def sha256(path):

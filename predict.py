@@ -206,9 +206,7 @@ def predict(model, loader, device, topk, amp=False, tta=False):
                 continue
             images = images.to(device, memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                probs = model(images).float().softmax(1)
-                if tta:
-                    probs = (probs + model(images.flip(3)).float().softmax(1)) / 2
+                probs = utils.mirror_averaged(model, images) if tta else model(images).float().softmax(1)
             top = probs.topk(topk)
             for i, p, c in zip(indices, top.values.tolist(), top.indices.tolist()):
                 yield i, p, c

@@ -814,7 +814,7 @@ def evaluate(model, loader, device, num_classes, channels_last=False, show=True,
         if len(images) == 0:
             continue
         images, labels = to_device(images, labels, device, channels_last)
-        log_probs = mirror_averaged(model, images) if tta else model(images).float().log_softmax(1)
+        log_probs = mirror_averaged(model, images).log() if tta else model(images).float().log_softmax(1)
         sums[0] += torch.nn.functional.nll_loss(log_probs, labels, reduction="sum")
         sums[1] += (log_probs.topk(min(5, n)).indices == labels[:, None]).any(1).sum()
         confusion += torch.bincount(labels * n + log_probs.argmax(1), minlength=n * n)
@@ -839,9 +839,8 @@ def evaluate(model, loader, device, num_classes, channels_last=False, show=True,
 
 
 def mirror_averaged(model, images):
-    """log of the mean of the softmax of the images and of their mirror images (test-time augmentation)."""
-    probs = model(images).float().softmax(1) + model(images.flip(3)).float().softmax(1)
-    return (probs / 2).log()
+    """The mean of the softmax of the images and of their mirror images (test-time augmentation)."""
+    return (model(images).float().softmax(1) + model(images.flip(3)).float().softmax(1)) / 2
 
 
 class IndexedSubset(torch.utils.data.Dataset):
