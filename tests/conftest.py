@@ -55,3 +55,14 @@ def tiny_data(tmp_path):
 
 # a short, cheap training run: 32 px, small batches, no worker processes
 FAST = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One real train.py run on a tiny digits folder, for the tests that only read it (predict,
+    insight, export): (data folder, run folder, what the run printed)."""
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    data = copy_digits(tmp / "digits", per_class=10)
+    result = run_script("train.py", "--data-path", data, "--output-dir", tmp / "run", *FAST)
+    return data, tmp / "run", result.stdout
+

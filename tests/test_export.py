@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import export
-from conftest import FAST, ROOT, copy_digits, run_script
+from conftest import ROOT, run_script
 from model import VARIANTS, create_model, fuse_bn
 from test_model import randomise
 
@@ -61,12 +61,10 @@ def test_every_variant_exports_with_the_eager_outputs(tmp_path):
         pytest.skip("the .onnx half: onnx, onnxscript or onnxruntime cannot be installed here (requirements-export.txt)")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export")
-    data = copy_digits(tmp / "digits", per_class=10)
-    run_script("train.py", "--data-path", data, "--output-dir", tmp / "run", *FAST)
-    return data, tmp / "run"
+@pytest.fixture
+def trained(tiny_run):
+    """A real train.py run on a tiny digits folder: (data folder, run folder)."""
+    return tiny_run[:2]
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])

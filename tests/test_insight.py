@@ -11,16 +11,13 @@ from PIL import Image
 
 import checkpoint
 import predict
-from conftest import FAST, copy_digits, run_script
+from conftest import FAST, run_script
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture
+def trained(tiny_run):
     """A real train.py run on a tiny digits folder: (data folder, run folder, its stdout)."""
-    tmp = tmp_path_factory.mktemp("insight")
-    data = copy_digits(tmp / "digits", per_class=10)
-    result = run_script("train.py", "--data-path", data, "--output-dir", tmp / "run", *FAST)
-    return data, tmp / "run", result.stdout
+    return tiny_run
 
 
 def read_csv(path):

@@ -12,18 +12,15 @@ from PIL import Image
 
 import model as M
 import utils
-from conftest import FAST, copy_digits, run_script
+from conftest import run_script
 
 PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture
+def trained(tiny_run):
     """A real train.py run on a tiny digits folder: (data folder, run folder)."""
-    tmp = tmp_path_factory.mktemp("trained")
-    data = copy_digits(tmp / "digits", per_class=10)
-    run_script("train.py", "--data-path", data, "--output-dir", tmp / "run", *FAST)
-    return data, tmp / "run"
+    return tiny_run[:2]
 
 
 def predict_json(*args, check=True):
