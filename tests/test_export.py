@@ -14,7 +14,7 @@ import torch
 
 import export
 from conftest import ROOT, run_script
-from model import VARIANTS, create_model, fuse_bn
+from model import create_model, fuse_bn
 from test_model import randomise
 
 
@@ -43,19 +43,20 @@ def exported_errors(names, folder, formats):
     return errors
 
 
-def test_every_variant_exports_with_the_eager_outputs(tmp_path):
-    """The loaded .pt2 (ExportedProgram) and .onnx (ONNX Runtime) of every variant give the eager
-    logits within 1e-4. Two processes share the variants: exporting is single-threaded work."""
+def test_variants_export_with_the_eager_outputs(tmp_path):
+    """The loaded .pt2 (ExportedProgram) and .onnx (ONNX Runtime) of B0, B1, B4 and B7 give the
+    eager logits within 1e-4. The variants differ only in widths and depths, so these four stand
+    for all eight at half the cost. Two processes share them: exporting is single-threaded work."""
     onnx = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime"))
     formats = ("pt2", "onnx") if onnx else ("pt2",)
-    halves = [["b7", "b4", "b3", "b0"], ["b6", "b5", "b2", "b1"]]  # about equal numbers of blocks
+    halves = [["b7"], ["b4", "b1", "b0"]]  # 55 and 71 blocks
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         table = {}
         for errors in pool.map(exported_errors, halves, [str(tmp_path)] * 2, [formats] * 2):
             table.update(errors)
     print("\nlargest |exported - eager| / largest |eager logit|:\n" + "\n".join(
-        f"  {name}  " + "  ".join(f"{fmt} {table[name, fmt]:.1e}" for fmt in formats) for name in VARIANTS))
-    assert sorted(table) == sorted((name, fmt) for name in VARIANTS for fmt in formats)
+        f"  {name}  " + "  ".join(f"{fmt} {table[name, fmt]:.1e}" for fmt in formats) for name in sorted(halves[0] + halves[1])))
+    assert sorted(table) == sorted((name, fmt) for half in halves for name in half for fmt in formats)
     assert all(err < 1e-4 for err in table.values()), table
     if not onnx:
         pytest.skip("the .onnx half: onnx, onnxscript or onnxruntime cannot be installed here (requirements-export.txt)")

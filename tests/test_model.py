@@ -487,10 +487,10 @@ def test_training_keeps_under_two_thirds_of_torchvisions_activations():
     assert ours <= 0.65 * tv, f"{ours / tv:.2f}x"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_torch_export_matches_eager(name):
-    """torch.export works for every variant and the exported program computes the eager outputs."""
-    model = randomise(efficientnet(name), seed=5)
+def test_torch_export_matches_eager():
+    """torch.export works on the model as built, BatchNorm unfolded, and the exported program
+    computes the eager outputs (test_export.py exports the folded variants)."""
+    model = randomise(efficientnet("b0"), seed=5)
     x = image()
     program = torch.export.export(model.eval(), (x,))
     with torch.no_grad():
