@@ -197,7 +197,7 @@ class MBConv(nn.Module):
 
 class EfficientNet(nn.Module):
     def __init__(self, width, depth, dropout, num_classes=1000, drop_path_rate=0.2,
-                 bn_eps=1e-3, bn_momentum=0.1, grad_checkpointing=False, lean=True):
+                 bn_eps=1e-3, bn_momentum=0.1, grad_checkpointing=False, lean=True, zero_init_residual=True):
         super().__init__()
         self.bn_eps = bn_eps  # 1e-3 as in the paper (TF); torchvision's B0-B4 weights need 1e-5
         norm = partial(nn.BatchNorm2d, eps=bn_eps, momentum=bn_momentum)
@@ -221,9 +221,9 @@ class EfficientNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (ConvBNAct, SqueezeExcite)):
                 m.lean = lean
-        self.reset_parameters()
+        self.reset_parameters(zero_init_residual)
 
-    def reset_parameters(self):
+    def reset_parameters(self, zero_init_residual=True):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -232,6 +232,13 @@ class EfficientNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # each residual block starts as the identity (its last BatchNorm scales by 0), so a
+            # fresh network is as shallow as its stages and learns depth as it trains (Goyal et
+            # al. 2017): from scratch on small data it learned faster and further, see README
+            for m in self.modules():
+                if isinstance(m, MBConv) and m.use_skip:
+                    nn.init.zeros_(m.block.project_conv[1].weight)
         self.reset_classifier(self.classifier[1].out_features)
 
     def reset_classifier(self, num_classes):

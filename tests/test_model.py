@@ -544,6 +544,26 @@ def test_stochastic_depth_rises_linearly_to_0_2(name):
     assert probs[0] == 0 and probs[-1] == pytest.approx(0.2 * (n - 1) / n)
 
 
+def test_fresh_residual_blocks_start_as_the_identity():
+    """A fresh model's residual blocks pass their input through unchanged (their last BatchNorm
+    scales by 0) while the other blocks compute; `zero_init_residual=False` gives every
+    BatchNorm a scale of 1, as torchvision initialises it. Weights loaded from a file replace both."""
+    torch.manual_seed(0)
+    model = create_model("b0", num_classes=5).train()
+    blocks = mbconv_blocks(model)
+    x = {name: torch.randn(4, b.block[0][0].in_channels, 8, 8) for name, b in blocks}
+    residual = [name for name, b in blocks if b.use_skip]
+    assert len(residual) == 9
+    for name, block in blocks:
+        same = torch.equal(block(x[name]), x[name]) if block.use_skip else False
+        assert same == block.use_skip, name
+
+    plain = create_model("b0", num_classes=5, zero_init_residual=False)
+    assert all(bn.weight.eq(1).all() for bn in plain.modules() if isinstance(bn, nn.BatchNorm2d))
+    loaded = create_model("b0", num_classes=5, weights=plain.state_dict(), verbose=False)
+    torch.testing.assert_close(loaded.state_dict(), plain.state_dict())
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_classifier_dropout_per_variant(name):
     """Dropout before the classifier: 0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5 for B0-B7."""
