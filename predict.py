@@ -14,7 +14,6 @@ import collections
 import difflib
 import glob
 import json
-import math
 import os
 import sys
 
@@ -283,23 +282,10 @@ def write_cams(model, dataset, device, names, topk, target, folder):
 
 def plot_predictions(results, path, limit=64):
     """A grid of the first `limit` predicted images with their top class; returns how many."""
-    plt = utils.pyplot()
     shown = [r for r in results if "topk" in r][:limit]
-    if not shown:
-        return 0
-    cols = min(8, len(shown))
-    rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, r in zip(axes.flat, shown):
-        img = load_rgb(r["path"], 256)
-        img.thumbnail((256, 256))
-        ax.imshow(img)
-        top = r["topk"][0]
-        ax.set_title(f"{utils.printable(top['class'])[:18]} ({top['prob']:.2f})\n"
-                     f"{utils.printable(os.path.basename(r['path']))[:22]}", fontsize=8)
-    utils.save_figure(fig, path)
+    if shown:
+        utils.plot_tiles([(r["path"], f"{utils.printable(r['topk'][0]['class'])[:18]} ({r['topk'][0]['prob']:.2f})")
+                          for r in shown], path)
     return len(shown)
 
 

@@ -1023,8 +1023,8 @@ def write_mistakes(folder, predictions, split, title, limit=48):
             "with the probability of the true class")
 
 
-def plot_tiles(tiles, path, title):
-    """A grid of (image path, caption) tiles, 8 to a row, each image shown whole."""
+def plot_tiles(tiles, path, title=None):
+    """A grid of (image path, caption) tiles, 8 to a row, each image shown whole with its file name."""
     plt = pyplot()
     cols = min(8, len(tiles))
     rows = math.ceil(len(tiles) / cols)
@@ -1039,7 +1039,8 @@ def plot_tiles(tiles, path, title):
         except Exception:  # gone or broken since it was evaluated
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"{caption}\n{printable(os.path.basename(image))[:24]}", fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
 
 
