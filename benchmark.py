@@ -27,7 +27,10 @@ from functools import partial
 import torch
 import torchvision
 
-import utils
+import cli
+import model_files
+import runtime
+import transforms
 from model import VARIANTS, create_model, fuse_bn
 from my_dataset import MyDataSet
 
@@ -35,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_args_parser():
-    p = utils.ArgumentParser(description="Benchmark this repo against plain torchvision.")
+    p = cli.ArgumentParser(description="Benchmark this repo against plain torchvision.")
     p.add_argument("--model", default="b0", choices=list(VARIANTS), help="variant")
     p.add_argument("--img-size", type=int, default=None, help="resolution (default: the variant's)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
@@ -45,7 +48,7 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="this repo's autocast")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd training (slow warm-up)")
-    p.add_argument("--workers", type=int, default=utils.default_workers(), help="loader processes")
+    p.add_argument("--workers", type=int, default=runtime.default_workers(), help="loader processes")
     p.add_argument("--time-to-accuracy", action="store_true",
                    help="train.py on the bundled digits at 64 px to 95 %% val top-1: default vs tutorial recipe")
     p.add_argument("--startup", type=int, nargs="*", metavar="FILES",
@@ -107,8 +110,8 @@ def write_photos(folder, n, size):
 
 
 def loader_rate(paths, variant, img_size, batch, workers, draft):
-    ds = MyDataSet(paths, [0] * len(paths), utils.build_transform(variant, img_size, train=True, scale=(0.25, 1)),
-                   draft_size=utils.train_draft_size(img_size, 0.25) if draft else None)
+    ds = MyDataSet(paths, [0] * len(paths), transforms.build_transform(variant, img_size, train=True, scale=(0.25, 1)),
+                   draft_size=transforms.train_draft_size(img_size, 0.25) if draft else None)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=MyDataSet.collate_fn,
                                          persistent_workers=workers > 0, shuffle=True)
     for _ in loader:  # warm-up epoch: workers started, files in the page cache
@@ -124,8 +127,8 @@ def folder_rate(paths, args, device, batch):
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "w.pth")
         torch.save(baseline_model(args.model, "cpu").state_dict(), weights)
-        model, info, transform, resize = predict.load_model(weights, device=device)
-    loader = torch.utils.data.DataLoader(predict.ImagePaths(paths, transform, utils.eval_draft_size(resize)),
+        model, info, transform, resize = model_files.load_model(weights, device=device)
+    loader = torch.utils.data.DataLoader(predict.ImagePaths(paths, transform, transforms.eval_draft_size(resize)),
                                          batch_size=batch,
                                          num_workers=args.workers, collate_fn=predict.ImagePaths.collate)
     start = time.perf_counter()
@@ -457,7 +460,7 @@ def train_step(args, device, x, y, torchvision_model=False, tutorial=False, comp
     model = model.to(memory_format=torch.channels_last)
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     return train_step_fn(torch.compile(model) if compile else model, adamw, x, y,
-                         utils.amp_dtype(args.amp, device), True)
+                         runtime.amp_dtype(args.amp, device), True)
 
 
 def infer_step(args, device, x, torchvision_model=False, bf16=False):
@@ -476,7 +479,7 @@ def infer_exported(args, device, x, fmt):
     with tempfile.TemporaryDirectory() as folder:  # both loaders read the whole file in
         path = os.path.join(folder, f"model.{fmt}")
         export.save(export.export_program(model, x.shape[-1], True), fmt, path)
-        exported = export.ExportedModel(path, True, device)
+        exported = model_files.ExportedModel(path, True, device)
     return infer_fn(exported, x)
 
 
@@ -530,7 +533,7 @@ def measure(which, args, device):
     above the level before them}."""
     contender = CONTENDERS[which]
     if device.type == "cpu" and not contender.glibc:
-        utils.keep_freed_memory()
+        runtime.keep_freed_memory()
     if contender.kind == "folder":
         paths = sorted(os.path.join(args.photos, p) for p in os.listdir(args.photos))
         return {"rate": contender.run(paths, args, device, args.batch_size)}
@@ -595,12 +598,12 @@ def run_contender(which, args, photos=None, memory=False):
 
 
 def main(args):
-    device = utils.choose_device(args.device)
+    device = runtime.choose_device(args.device)
     variant = VARIANTS[args.model]
     b, size = args.batch_size, args.img_size or variant.train_size
     print(f"EfficientNet-{args.model.upper()} at {size}px, batch {b}, {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, "
-          f"torch {torch.__version__}, this repo's autocast: {utils.amp_dtype(args.amp, device) or 'off'}; each contender "
+          f"torch {torch.__version__}, this repo's autocast: {runtime.amp_dtype(args.amp, device) or 'off'}; each contender "
           f"in its own process, median of {args.rounds} rounds of {args.steps} steps")
     rows = []
 
@@ -658,11 +661,11 @@ if __name__ == "__main__":
         elif args.whole:
             whole(args)
         elif args.contender:
-            device = utils.choose_device(args.device)
+            device = runtime.choose_device(args.device)
             print(json.dumps(tensor_memory(args.contender, args, device) if args.tensor_memory
                              else measure(args.contender, args, device)))
         else:
             main(args)
-    except utils.UsageError as e:
+    except cli.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

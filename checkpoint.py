@@ -20,10 +20,11 @@ import contextlib
 import os
 import pickle
 import signal
-import tempfile
 import threading
 
 import torch
+
+from outputs import atomic_write
 
 FORMAT = 2  # 1: no "format" field; 2: "format" added. Raise it when a field changes meaning.
 
@@ -132,33 +133,3 @@ def signals_held():
             signal.raise_signal(caught[0])
 
 
-def atomic_write(path, write):
-    """Write through a temporary file in the same folder, fsync, then rename over `path`: a crash
-    at any moment leaves either the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    umask = os.umask(0o022)  # read it (there is no other way) and put it back at once
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # as open() would create it: mkstemp makes files only the owner reads
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def remove_stale_temp_files(folder):
-    """Temporary files that a killed process left behind mid-write (the real files are intact)."""
-    for name in os.listdir(folder):
-        if name.startswith(".") and name.endswith(".tmp"):
-            os.remove(os.path.join(folder, name))

@@ -11,25 +11,23 @@ ONNX needs `pip install -r requirements-export.txt` (onnx, onnxscript, onnxrunti
 only torch. Both run on a CPU here; a batch of one image unless --dynamic-batch.
 """
 import contextlib
-import hashlib
 import io
-import json
 import os
 import sys
 
 import torch
 
-import checkpoint
-import predict
-import utils
+import cli
+import model_files
+import outputs
 from checkpoint import WeightsError
+from model import VARIANTS
 
-SIDECAR_FORMAT = 1  # the version of FILE.json's layout
 ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export needs; onnxruntime runs the result
 
 
 def get_args_parser():
-    p = utils.ArgumentParser(description="Export a trained EfficientNet to ONNX or torch.export (.pt2).")
+    p = cli.ArgumentParser(description="Export a trained EfficientNet to ONNX or torch.export (.pt2).")
     p.add_argument("--weights", required=True, help="best.pth from train.py, or a torchvision / tutorial state_dict")
     p.add_argument("--format", default="onnx", choices=["onnx", "pt2"], help="onnx (needs requirements-export.txt) "
                    "or pt2 (torch.export, needs only torch)")
@@ -48,8 +46,8 @@ def missing_onnx_packages():
 
 def sizes(info, img_size):
     """(resize, crop) of the exported input: the checkpoint's own, or scaled to --img-size with its ratio."""
-    _, resize = predict.eval_transform(info, info["variant"])
-    crop = info.get("eval_crop") or predict.VARIANTS[info["variant"]].eval_crop
+    _, resize = model_files.eval_transform(info, info["variant"])
+    crop = info.get("eval_crop") or VARIANTS[info["variant"]].eval_crop
     if img_size is None or img_size == crop:
         return resize, crop
     return round(img_size * resize / crop), img_size
@@ -63,69 +61,16 @@ def export_program(model, crop, dynamic_batch):
 
 
 def save(program, fmt, path):
-    """Write the program as .pt2 or .onnx, whole or not at all (checkpoint.atomic_write); returns
+    """Write the program as .pt2 or .onnx, whole or not at all (outputs.atomic_write); returns
     the ONNX opset (None for pt2)."""
     if fmt == "pt2":
-        checkpoint.atomic_write(path, lambda f: torch.export.save(program, f))
+        outputs.atomic_write(path, lambda f: torch.export.save(program, f))
         return None
     with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
         onnx_program = torch.onnx.export(program, dynamo=True, input_names=["images"], output_names=["logits"],
                                          verbose=False)
-    checkpoint.atomic_write(path, lambda f: f.write(onnx_program.model_proto.SerializeToString()))
+    outputs.atomic_write(path, lambda f: f.write(onnx_program.model_proto.SerializeToString()))
     return next(o.version for o in onnx_program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sidecar(info, names, resize, crop, fmt, dynamic_batch, path, opset):
-    """FILE.json: all that a caller needs to feed the exported model and read its answer."""
-    return {
-        "format": SIDECAR_FORMAT, "file": os.path.basename(path), "sha256": sha256(path), "export": fmt,
-        **({"onnx_opset": opset} if opset else {}),
-        "variant": info["variant"], "classes": list(names),
-        "input": {"name": "images", "shape": ["batch" if dynamic_batch else 1, 3, crop, crop], "dtype": "float32",
-                  "layout": "NCHW, RGB, (pixel / 255 - mean) / std"},
-        "output": {"name": "logits", "shape": ["batch" if dynamic_batch else 1, len(names)],
-                   "meaning": "logits: softmax over the last axis gives the class probabilities"},
-        "resize": resize, "crop": crop, "interpolation": info.get("interpolation") or
-        predict.VARIANTS[info["variant"]].interpolation,
-        "mean": list(info.get("mean") or predict.VARIANTS[info["variant"]].mean),
-        "std": list(info.get("std") or predict.VARIANTS[info["variant"]].std),
-        "preprocess": f"resize the shorter side to {resize} (antialiased), centre crop {crop}x{crop}",
-        "trained_with": {"no_hflip": bool((info.get("args") or {}).get("no_hflip", False))},
-    }
-
-
-class ExportedModel:
-    """An exported file as predict.py calls a model: a batch of images in, logits out (torch
-    tensors). A file exported for one image at a time is called once per image."""
-
-    def __init__(self, path, dynamic_batch, device):
-        self.dynamic_batch, self.device = dynamic_batch, device
-        if path.endswith(".pt2"):
-            self.run = torch.export.load(path).module().to(device)
-            return
-        try:
-            import onnxruntime
-        except ImportError:
-            raise utils.UsageError(f"{path} is an ONNX file: pip install -r requirements-export.txt for onnxruntime "
-                                   "(or export --format pt2)") from None
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.run = lambda x: torch.from_numpy(session.run(None, {"images": x.cpu().numpy()})[0]).to(device)
-
-    def __call__(self, images):
-        images = images.contiguous()
-        if self.dynamic_batch:
-            return self.run(images)
-        return torch.cat([self.run(image[None]) for image in images])
 
 
 def main(args):
@@ -134,24 +79,23 @@ def main(args):
               "(or use --format pt2, which needs only torch)", file=sys.stderr)
         return 2
     if args.img_size is not None and not 32 <= args.img_size <= 1024:
-        raise utils.UsageError(f"--img-size must be between 32 and 1024 (got {args.img_size})")
+        raise cli.UsageError(f"--img-size must be between 32 and 1024 (got {args.img_size})")
     output = args.output or os.path.splitext(args.weights)[0] + "." + args.format
     if not output.endswith("." + args.format):
-        raise utils.UsageError(f"--output {output}: a {args.format} file should end in .{args.format}")
-    predict.check_output_file(output, "--output")
+        raise cli.UsageError(f"--output {output}: a {args.format} file should end in .{args.format}")
+    outputs.check_output_file(output, "--output")
     if os.path.abspath(output) == os.path.abspath(args.weights):
-        raise utils.UsageError(f"--output {output} is the weights file itself; choose another name")
-    model, info, _, _ = predict.load_model(args.weights)
+        raise cli.UsageError(f"--output {output} is the weights file itself; choose another name")
+    model, info, _, _ = model_files.load_model(args.weights)
     if info.get("source") == "export":
         raise WeightsError(f"{args.weights} is an exported file already; export from the best.pth it came from")
     model = model.to(memory_format=torch.contiguous_format).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    names = predict.class_names(info, args.weights, None, info["num_classes"])
+    names = model_files.class_names(info, args.weights, None, info["num_classes"])
     resize, crop = sizes(info, args.img_size)
     opset = save(export_program(model, crop, args.dynamic_batch), args.format, output)
-    meta = sidecar(info, names, resize, crop, args.format, args.dynamic_batch, output, opset)
-    utils.atomic_write_text(output + ".json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    meta = model_files.write_sidecar(output, info, names, resize, crop, args.format, args.dynamic_batch, opset)
     size = os.path.getsize(output) / 2**20
     print(f"wrote {output} ({size:.1f} MiB, EfficientNet-{info['variant'].upper()}, {len(names)} classes, input "
           f"{meta['input']['shape']}{f', ONNX opset {opset}' if opset else ''}) and {output}.json")
@@ -160,9 +104,9 @@ def main(args):
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    utils.quiet_warnings()
+    cli.quiet_warnings()
     try:
         sys.exit(main(args))
-    except (utils.UsageError, WeightsError) as e:
+    except (cli.UsageError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -7,6 +7,8 @@
 Every mode Pillow opens becomes RGB the way a person would see it: grey and 16-bit images are
 scaled, not clipped; transparent pixels are put on white; EXIF rotation is applied. A file that
 fails to decode is reported by path and left out of its batch (see `collate_fn`), never a crash.
+Below the dataset: the sampler that makes each epoch's order and augmentation a function of the
+seed alone (so a resumed run draws what an uninterrupted one would), and the loaders.
 """
 import contextlib
 import sys
@@ -15,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from runtime import quiet_on_sigterm
 
 
 # Longer side over shorter side. Evaluation resizes the shorter side to the model's size, so a
@@ -121,7 +125,7 @@ class MyDataSet(Dataset):
 
     def __getitem__(self, item):
         """(image, label), or None for a file that cannot be decoded. `item` is an index, or
-        (index, seed) from utils.EpochSampler: the random transform then draws from that seed
+        (index, seed) from EpochSampler: the random transform then draws from that seed
         alone, so the augmentation of an image does not depend on which worker loads it."""
         index, seed = item if isinstance(item, tuple) else (item, None)
         path = self.images_path[index]
@@ -145,3 +149,68 @@ class MyDataSet(Dataset):
             return torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.long)
         images, labels = zip(*batch)
         return torch.stack(images), torch.as_tensor(labels)
+
+# ---------------------------------------------------------------------------------------------
+# Samplers and loaders
+# ---------------------------------------------------------------------------------------------
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """This process's share of a shuffled epoch (all of it in a single process), each index paired
+    with the seed of its augmentation (see MyDataSet). Order and seeds are a function of --seed,
+    the epoch and the index alone, never of what ran before, so a resumed run, or one with other
+    --workers, draws the same crops and flips as an uninterrupted one. With `weights` (one per
+    image) the epoch is drawn with replacement in proportion to them, as WeightedRandomSampler
+    does, then shared out among the processes."""
+
+    def __init__(self, dataset, num_replicas, rank, shuffle=True, seed=0, weights=None):
+        super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=seed)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+
+    def indices(self):
+        if self.weights is None:
+            return super().__iter__()
+        drawn = torch.multinomial(self.weights, self.total_size, replacement=True,
+                                  generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(drawn[self.rank:self.total_size:self.num_replicas].tolist())
+
+    def __iter__(self):
+        for index in self.indices():
+            yield index, ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63
+
+
+def balanced_weights(labels):
+    """One weight per image, 1 / (images of its class): every class is drawn equally often."""
+    counts = torch.bincount(torch.as_tensor(labels))
+    return (1.0 / counts.double())[torch.as_tensor(labels)]
+
+
+class IndexedSubset(torch.utils.data.Dataset):
+    """The samples of `dataset` at `indices`, each with its index there: (image, label, index)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        sample = self.dataset[self.indices[i]]
+        return None if sample is None else (*sample, self.indices[i])
+
+    @staticmethod
+    def collate_fn(batch):
+        batch = [sample for sample in batch if sample is not None]
+        images, labels = MyDataSet.collate_fn([sample[:2] for sample in batch])
+        return images, labels, torch.as_tensor([sample[2] for sample in batch], dtype=torch.long)
+
+
+def make_loader(dataset, batch_size, train, workers, device, sampler=None):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        # an incomplete last batch is left out of training: BatchNorm statistics of a few images are
+        # noisy; the shuffle puts other images there in the next epoch
+        drop_last=train and len(dataset) > batch_size, collate_fn=getattr(dataset, "collate_fn", MyDataSet.collate_fn),
+        # worker seeds from a generator of the loader's own: the global RNG (dropout) stays untouched
+        generator=torch.Generator().manual_seed(0), worker_init_fn=quiet_on_sigterm)

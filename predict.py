@@ -21,15 +21,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import checkpoint
+import cli
+import model_files
+import outputs
+import reports
+import runtime
+import transforms
 import utils
 from checkpoint import WeightsError
-from model import VARIANTS, Variant, create_model, fuse_bn, read_weights
+from model import VARIANTS
 from my_dataset import load_rgb
 
 
 def get_args_parser():
-    p = utils.ArgumentParser(description="Predict the class of images with an EfficientNet.")
+    p = cli.ArgumentParser(description="Predict the class of images with an EfficientNet.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--weights", help="best.pth from train.py, or a torchvision / tutorial state_dict (required)")
     p.add_argument("--model", default=None, choices=list(VARIANTS), help="variant (default: read from the weights)")
@@ -42,7 +47,7 @@ def get_args_parser():
     p.add_argument("--plot-limit", type=int, default=64, metavar="N", help="draw at most the first N images")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
-    p.add_argument("--workers", type=int, default=utils.default_workers(), help="image decoding processes")
+    p.add_argument("--workers", type=int, default=runtime.default_workers(), help="image decoding processes")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average each image's probabilities with its mirror image's "
                         "(left off for a model trained with --no-hflip)")
@@ -76,62 +81,6 @@ def expand_paths(patterns):
     return list(dict.fromkeys(found)), problems
 
 
-def check_output_file(path, flag):
-    """Fail before predicting anything when --csv or --plot cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise utils.UsageError(f"{flag} {path} is a folder: give a file name, e.g. {os.path.join(path, 'out')}")
-    if not os.path.isdir(folder):
-        raise utils.UsageError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another")
-    if not os.access(folder, os.W_OK):
-        raise utils.UsageError(f"{flag} {path}: the folder {folder} is not writable; choose another")
-
-
-def class_names(info, weights_path, class_indices, num_classes):
-    if class_indices:
-        names = utils.read_class_indices(class_indices)
-    elif info.get("classes"):
-        names = info["classes"]
-    elif os.path.isfile(beside := os.path.join(os.path.dirname(os.path.abspath(weights_path)), "class_indices.json")):
-        names = utils.read_class_indices(beside)
-    elif num_classes == 1000:  # ImageNet weights: the category names ship with torchvision
-        names = imagenet_categories()
-    else:
-        names = [str(i) for i in range(num_classes)]
-    if len(names) != num_classes:
-        raise utils.UsageError(f"the weights have {num_classes} classes but {len(names)} class names were found; "
-                              "pass the matching --class-indices")
-    return names
-
-
-def imagenet_categories():
-    """The 1000 ImageNet class names that torchvision ships, read from its source file rather than
-    imported: importing torchvision takes a second, as long as predicting an image."""
-    import ast
-    import importlib.util
-    try:
-        spec = importlib.util.find_spec("torchvision")  # finds the package without running it
-        with open(os.path.join(os.path.dirname(spec.origin), "models", "_meta.py"), encoding="utf-8") as f:
-            for node in ast.parse(f.read()).body:
-                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "_IMAGENET_CATEGORIES":
-                    names = ast.literal_eval(node.value)
-                    if len(names) == 1000:
-                        return names
-    except (OSError, AttributeError, TypeError, ValueError, SyntaxError):
-        pass
-    import torchvision  # another layout of torchvision's files: ask it
-    return torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
-
-
-def eval_transform(info, variant_name):
-    """The checkpoint's own eval preprocessing, or torchvision's for the variant of a raw file."""
-    v = VARIANTS[variant_name]
-    if "eval_crop" in info:
-        v = Variant(v.width, v.depth, v.dropout, info["img_size"], info["eval_resize"], info["eval_crop"],
-                    info["interpolation"], tuple(info["mean"]), tuple(info["std"]))
-    return utils.build_transform(v, v.eval_crop, train=False, eval_sizes=(v.eval_resize, v.eval_crop)), v.eval_resize
-
-
 class ImagePaths(Dataset):
     """(index, tensor or None, error message) for each path: a bad file is reported, not raised."""
 
@@ -152,46 +101,6 @@ class ImagePaths(Dataset):
         good = [b for b in batch if b[1] is not None]
         images = torch.stack([b[1] for b in good]) if good else None
         return [b[0] for b in good], images, [(b[0], b[2]) for b in batch if b[1] is None]
-
-
-def load_model(weights, model_name=None, device=torch.device("cpu")):
-    """(model ready for inference, what the file says of itself (read_weights' info: variant,
-    class count, and for this repo's checkpoints classes and preprocessing), eval transform, resize).
-    An exported .pt2 or .onnx (export.py) comes with what its FILE.json says."""
-    weights = os.fspath(weights)
-    if weights.endswith((".pt2", ".onnx")):
-        return load_exported(weights, device)
-    ckpt = checkpoint.load_checkpoint(weights)  # opened once: read_weights and create_model take the loaded file
-    _, info = read_weights(ckpt, where=weights)
-    if model_name is not None and model_name != info["variant"]:
-        raise WeightsError(f"{weights} holds EfficientNet-{info['variant'].upper()} weights, not "
-                           f"{model_name.upper()}: use --model {info['variant']} or leave --model out")
-    model = create_model(info["variant"], info["num_classes"], weights=ckpt, verbose=False)
-    model = fuse_bn(model).to(device, memory_format=torch.channels_last)
-    transform, resize = eval_transform(info, info["variant"])
-    return model, info, transform, resize
-
-
-def load_exported(path, device):
-    """export.py's file and its FILE.json: a callable taking and returning torch tensors."""
-    if not os.path.isfile(path):
-        raise WeightsError(f"--weights: no file at {path}")
-    try:
-        with open(path + ".json", encoding="utf-8") as f:
-            side = json.load(f)
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{path} needs the {os.path.basename(path)}.json that export.py writes beside it "
-                           f"({getattr(e, 'strerror', None) or e}); export again") from None
-    import export
-    if export.sha256(path) != side.get("sha256"):
-        raise WeightsError(f"{path}.json describes another file (its sha256 differs): export again")
-    info = {"variant": side["variant"], "num_classes": len(side["classes"]), "classes": side["classes"],
-            "img_size": side["crop"], "eval_resize": side["resize"], "eval_crop": side["crop"],
-            "interpolation": side["interpolation"], "mean": side["mean"], "std": side["std"],
-            "args": side.get("trained_with", {}), "source": "export"}
-    model = export.ExportedModel(path, side["input"]["shape"][0] == "batch", device)
-    transform, resize = eval_transform(info, info["variant"])
-    return model, info, transform, resize
 
 
 def predict(model, loader, device, topk, amp=False, tta=False):
@@ -217,9 +126,9 @@ def cam_class_index(name, names):
         return None
     if name not in names:
         near = difflib.get_close_matches(name, names, n=3)
-        raise utils.UsageError(f"--cam-class {name} is not a class of these weights: "
-                               + (f"did you mean {', '.join(near)}?" if near else f"they are {', '.join(names[:8])}"
-                                  + (" ..." if len(names) > 8 else "")))
+        raise cli.UsageError(f"--cam-class {name} is not a class of these weights: "
+                             + (f"did you mean {', '.join(near)}?" if near else f"they are {', '.join(names[:8])}"
+                                + (" ..." if len(names) > 8 else "")))
     return names.index(name)
 
 
@@ -245,7 +154,7 @@ def grad_cam(model, x, target=None):
 def write_cams(model, dataset, device, names, topk, target, folder):
     """One PNG per readable image in `folder`: the image as the model sees it (resized and cropped)
     and the same with the Grad-CAM of `target` (None: the top class) over it, the top-k in the title."""
-    plt = utils.pyplot()
+    plt = reports.pyplot()
     os.makedirs(folder, exist_ok=True)
     mean, std = dataset.transform.mean, dataset.transform.std
     written, used = 0, set()
@@ -265,17 +174,17 @@ def write_cams(model, dataset, device, names, topk, target, folder):
         right.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         for ax in (left, right):
             ax.axis("off")
-        left.set_title("\n".join(f"{utils.printable(names[c])[:28]} {p:.3f}"
+        left.set_title("\n".join(f"{cli.printable(names[c])[:28]} {p:.3f}"
                                  for p, c in zip(top.values.tolist(), top.indices.tolist())), fontsize=8)
-        right.set_title(f"Grad-CAM: {utils.printable(names[cls])[:28]} ({probs[cls]:.3f})", fontsize=8)
-        fig.suptitle(utils.printable(dataset.paths[i])[-70:], fontsize=8)
+        right.set_title(f"Grad-CAM: {cli.printable(names[cls])[:28]} ({probs[cls]:.3f})", fontsize=8)
+        fig.suptitle(cli.printable(dataset.paths[i])[-70:], fontsize=8)
         stem = os.path.splitext(os.path.basename(dataset.paths[i]))[0]
         name, n = f"{stem}_cam.png", 1
         while name in used:  # the same file name in two folders
             n += 1
             name = f"{stem}_cam-{n}.png"
         used.add(name)
-        utils.save_figure(fig, os.path.join(folder, name))
+        reports.save_figure(fig, os.path.join(folder, name))
         written += 1
     return written
 
@@ -284,8 +193,8 @@ def plot_predictions(results, path, limit=64):
     """A grid of the first `limit` predicted images with their top class; returns how many."""
     shown = [r for r in results if "topk" in r][:limit]
     if shown:
-        utils.plot_tiles([(r["path"], f"{utils.printable(r['topk'][0]['class'])[:18]} ({r['topk'][0]['prob']:.2f})")
-                          for r in shown], path)
+        reports.plot_tiles([(r["path"], f"{cli.printable(r['topk'][0]['class'])[:18]} ({r['topk'][0]['prob']:.2f})")
+                            for r in shown], path)
     return len(shown)
 
 
@@ -298,29 +207,29 @@ def newest_run_weights():
 def main(args):
     if args.weights is None:
         newest = newest_run_weights()
-        raise utils.UsageError("--weights is required: the weights to predict with, e.g. "
-                               + (f"--weights {newest} (the newest run here)" if newest else
-                                  "--weights weights/b0-digits/best.pth from a train.py run"))
+        raise cli.UsageError("--weights is required: the weights to predict with, e.g. "
+                             + (f"--weights {newest} (the newest run here)" if newest else
+                                "--weights weights/b0-digits/best.pth from a train.py run"))
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path:
-            check_output_file(path, flag)
+            outputs.check_output_file(path, flag)
     if args.cam and os.path.exists(args.cam) and not os.path.isdir(args.cam):
-        raise utils.UsageError(f"--cam {args.cam} is a file: give a folder for the maps, e.g. --cam cams")
-    device = utils.choose_device(args.device)
+        raise cli.UsageError(f"--cam {args.cam} is a file: give a folder for the maps, e.g. --cam cams")
+    device = runtime.choose_device(args.device)
     if device.type == "cpu":
-        utils.keep_freed_memory()
-    model, info, transform, resize = load_model(args.weights, args.model, device)
-    names = class_names(info, args.weights, args.class_indices, info["num_classes"])
+        runtime.keep_freed_memory()
+    model, info, transform, resize = model_files.load_model(args.weights, args.model, device)
+    names = model_files.class_names(info, args.weights, args.class_indices, info["num_classes"])
     topk = min(args.topk, len(names))
     paths, missing = expand_paths(args.paths)
-    dataset = ImagePaths(paths, transform, draft_size=utils.eval_draft_size(resize))
-    workers = utils.usable_workers(args.workers) if len(paths) > args.batch_size else 0
+    dataset = ImagePaths(paths, transform, draft_size=transforms.eval_draft_size(resize))
+    workers = runtime.usable_workers(args.workers) if len(paths) > args.batch_size else 0
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
                         collate_fn=ImagePaths.collate, pin_memory=device.type == "cuda",
-                        worker_init_fn=utils.quiet_on_sigterm)
+                        worker_init_fn=runtime.quiet_on_sigterm)
 
     if args.cam and info.get("source") == "export":
-        raise utils.UsageError("--cam needs the best.pth the export came from: an exported file has no gradients")
+        raise cli.UsageError("--cam needs the best.pth the export came from: an exported file has no gradients")
     cam_class = cam_class_index(args.cam_class, names) if args.cam else None
     tta = args.tta and not (info.get("args") or {}).get("no_hflip", False)
     if args.tta and not tta:
@@ -338,7 +247,7 @@ def main(args):
 
     tally, total = Tally(args.plot_limit if args.plot else 0), len(paths) + len(missing)
     if args.csv:  # rows go to the file as they come; it replaces the old one when the last is written
-        checkpoint.atomic_write(args.csv, lambda f: report(results(), tally, args, topk, f, total))
+        outputs.atomic_write(args.csv, lambda f: report(results(), tally, args, topk, f, total))
     else:
         report(results(), tally, args, topk, None, total)
     wrote = [f"{args.csv} ({tally.total} rows)"] if args.csv else []
@@ -375,7 +284,7 @@ class Tally:
 
     def summary(self):
         """One line for a run over many images: how many, which classes, how many failed."""
-        top = ", ".join(f"{utils.printable(name)}: {n}" for name, n in self.counts.most_common(5))
+        top = ", ".join(f"{cli.printable(name)}: {n}" for name, n in self.counts.most_common(5))
         more = f", {len(self.counts) - 5} more" if len(self.counts) > 5 else ""
         classes = f"{len(self.counts)} class{'es' if len(self.counts) != 1 else ''}"
         return (f"{self.total} inputs: {sum(self.counts.values())} predicted as {classes} ({top}{more})"
@@ -426,10 +335,10 @@ def csv_header(topk):
 
 
 def csv_row(result, topk):
-    cells = [utils.csv_field(result["path"])]
+    cells = [reports.csv_field(result["path"])]
     for t in result.get("topk", [{"class": "", "prob": ""}] * topk):
-        cells += [utils.csv_field(t["class"]), str(t["prob"])]
-    return ",".join(cells + [utils.csv_field(result.get("error", ""))]) + "\n"
+        cells += [reports.csv_field(t["class"]), str(t["prob"])]
+    return ",".join(cells + [reports.csv_field(result.get("error", ""))]) + "\n"
 
 
 if __name__ == "__main__":
@@ -438,11 +347,11 @@ if __name__ == "__main__":
         get_args_parser().error("--topk, --batch-size and --plot-limit must be at least 1")
     if args.workers < 0:
         get_args_parser().error(f"--workers must be 0 or more (got {args.workers})")
-    utils.speak_any_file_name()
-    utils.quiet_warnings()
+    cli.speak_any_file_name()
+    cli.quiet_warnings()
     try:
         sys.exit(main(args))
-    except (utils.UsageError, WeightsError) as e:
+    except (cli.UsageError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # the output went into `head` or similar, which stopped reading

@@ -29,10 +29,16 @@ import torch.distributed as dist  # noqa: E402
 from torch.optim.swa_utils import AveragedModel  # noqa: E402
 
 import checkpoint  # noqa: E402
+import cli  # noqa: E402
+import model_files  # noqa: E402
+import my_dataset  # noqa: E402
+import outputs  # noqa: E402
+import reports  # noqa: E402
+import runtime  # noqa: E402
+import transforms  # noqa: E402
 import utils  # noqa: E402
 from checkpoint import WeightsError  # noqa: E402
 from model import VARIANTS, create_model  # noqa: E402
-from my_dataset import MyDataSet  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # flags a resumed run may change; the others come from the run itself
@@ -42,7 +48,7 @@ BEFORE_FLAG = {"drop_path": 0.2, "precise_bn": 0}
 
 
 def get_args_parser():
-    p = utils.ArgumentParser(description="Train EfficientNet B0-B7 on a folder of images.")
+    p = cli.ArgumentParser(description="Train EfficientNet B0-B7 on a folder of images.")
     data = p.add_argument_group("data")
     data.add_argument("--data-path", default=os.path.join(HERE, "data", "digits"),
                       help="folder with one sub-folder per class (or train/ and val/ folders of those)")
@@ -94,7 +100,7 @@ def get_args_parser():
                          help="area range of RandomResizedCrop")
     augment.add_argument("--no-hflip", action="store_true",
                          help="no random horizontal flips (for data where mirroring changes the class: digits, text)")
-    augment.add_argument("--auto-augment", default=None, choices=utils.AUTO_AUGMENT,
+    augment.add_argument("--auto-augment", default=None, choices=transforms.AUTO_AUGMENT,
                          help="augmentation policy: ta_wide (TrivialAugmentWide), ra (RandAugment), augmix (AugMix) "
                               "or imagenet (AutoAugment's ImageNet policy)")
     augment.add_argument("--ra-magnitude", type=int, default=9, help="strength of --auto-augment ra, 0 to 30")
@@ -108,7 +114,7 @@ def get_args_parser():
 
     hardware = p.add_argument_group("hardware and speed")
     hardware.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
-    hardware.add_argument("--workers", type=int, default=utils.default_workers(), help="data loading processes")
+    hardware.add_argument("--workers", type=int, default=runtime.default_workers(), help="data loading processes")
     hardware.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=["auto", "bf16", "fp16", "off"],
                           help="mixed precision: bf16 or fp16 autocast (fp16 with a grad scaler); auto = bf16 on "
                                "GPUs that have it, else off (on CPUs bf16 trains slower than fp32)")
@@ -212,7 +218,7 @@ def make_run_dir(args):
             raise  # a file in the way, here or above: start_outputs says it cannot write there
         if args.exist_ok or not os.listdir(args.output_dir):
             return False
-        raise utils.UsageError(f"--output-dir {args.output_dir} already holds files: pass --resume to continue "
+        raise cli.UsageError(f"--output-dir {args.output_dir} already holds files: pass --resume to continue "
                                "that run, --exist-ok to write into it anyway, or choose another folder") from None
 
 
@@ -223,7 +229,7 @@ def lock_run_dir(folder):
         fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise utils.UsageError(f"another train.py is writing to {folder} right now; wait for it to end "
+        raise cli.UsageError(f"another train.py is writing to {folder} right now; wait for it to end "
                                "(or stop it), or choose another --output-dir") from None
     # the descriptor stays open until the process ends: closing it would release the lock
 
@@ -241,7 +247,7 @@ def resume_args(args, parser):
     changed = [f"--{k.replace('_', '-')} {v} (was {ckpt['meta']['args'].get(k)})" for k, v in given.items()
                if k in ("lr", "clip_grad", "amp") and v != ckpt["meta"]["args"].get(k)]
     if changed:
-        utils.print0(f"resuming with {', '.join(changed)}")
+        runtime.print0(f"resuming with {', '.join(changed)}")
     return restored, ckpt
 
 
@@ -251,35 +257,35 @@ Data = namedtuple("Data", "split train_loader val_loader train_sampler bn_loader
 def build_data(args, device):
     """The split of --data-path and its loaders; under torchrun each process gets its own part.
     The folder is read once, by rank 0; the headers of a large one are checked in the background."""
-    rank, world = utils.rank(), utils.world_size()
+    rank, world = runtime.rank(), runtime.world_size()
     variant = VARIANTS[args.model]
-    split = utils.on_rank0(lambda: utils.read_split_data(args.data_path, args.val_rate, args.seed))
+    split = runtime.on_rank0(lambda: utils.read_split_data(args.data_path, args.val_rate, args.seed))
     check = utils.BackgroundCheck(split.unchecked) if split.unchecked and rank == 0 else None
-    train_set = MyDataSet(split.train_images, split.train_labels,
-                          draft_size=utils.train_draft_size(args.img_size, args.crop_scale[0]),
-                          transform=utils.build_transform(
+    train_set = my_dataset.MyDataSet(split.train_images, split.train_labels,
+                          draft_size=transforms.train_draft_size(args.img_size, args.crop_scale[0]),
+                          transform=transforms.build_transform(
                               variant, args.img_size, train=True, scale=tuple(args.crop_scale),
                               hflip=not args.no_hflip, auto_augment=args.auto_augment,
                               ra_magnitude=args.ra_magnitude, random_erase=args.random_erase))
     # validation decodes and resizes as predict.py does, so both see the same pixels
-    val_set = MyDataSet(split.val_images, split.val_labels,
-                        draft_size=utils.eval_draft_size(variant.eval_sizes(args.img_size)[0]),
-                        transform=utils.build_transform(variant, args.img_size, train=False))
+    val_set = my_dataset.MyDataSet(split.val_images, split.val_labels,
+                        draft_size=transforms.eval_draft_size(variant.eval_sizes(args.img_size)[0]),
+                        transform=transforms.build_transform(variant, args.img_size, train=False))
     # every validation image is evaluated exactly once across ranks: no padding, no duplicates
-    val_part = utils.IndexedSubset(val_set, range(rank, len(val_set), world))  # indices: for predictions.csv
-    weights = utils.balanced_weights(split.train_labels) if args.balance else None
-    train_sampler = utils.EpochSampler(train_set, world, rank, shuffle=True, seed=args.seed, weights=weights)
-    workers = utils.usable_workers(args.workers)
+    val_part = my_dataset.IndexedSubset(val_set, range(rank, len(val_set), world))  # indices: for predictions.csv
+    weights = my_dataset.balanced_weights(split.train_labels) if args.balance else None
+    train_sampler = my_dataset.EpochSampler(train_set, world, rank, shuffle=True, seed=args.seed, weights=weights)
+    workers = runtime.usable_workers(args.workers)
     bn_loader = None
     if args.precise_bn:  # a fixed sample of training images, decoded and resized as validation does
         sample = torch.randperm(len(split.train_images), generator=torch.Generator().manual_seed(args.seed))
         share = max(min(args.precise_bn, len(sample)) // world, 1)  # the same number of batches on every rank
         sample = sample[rank * share:(rank + 1) * share].tolist()
-        bn_set = MyDataSet([split.train_images[i] for i in sample], [split.train_labels[i] for i in sample],
+        bn_set = my_dataset.MyDataSet([split.train_images[i] for i in sample], [split.train_labels[i] for i in sample],
                            val_set.transform, val_set.draft_size)
-        bn_loader = utils.make_loader(bn_set, args.batch_size, False, workers, device)
-    return Data(split, utils.make_loader(train_set, args.batch_size, True, workers, device, train_sampler),
-                utils.make_loader(val_part, args.batch_size, False, workers, device), train_sampler, bn_loader,
+        bn_loader = my_dataset.make_loader(bn_set, args.batch_size, False, workers, device)
+    return Data(split, my_dataset.make_loader(train_set, args.batch_size, True, workers, device, train_sampler),
+                my_dataset.make_loader(val_part, args.batch_size, False, workers, device), train_sampler, bn_loader,
                 check)
 
 
@@ -290,17 +296,17 @@ Models = namedtuple("Models", "train raw eval ema")
 
 def build_model(args, num_classes, ckpt, device):
     weights = ckpt if ckpt is not None else args.weights
-    model = create_model(args.model, num_classes, weights=weights, verbose=utils.rank() == 0,
+    model = create_model(args.model, num_classes, weights=weights, verbose=runtime.rank() == 0,
                          grad_checkpointing=args.grad_checkpointing, lean=args.lean_activations,
                          dropout=args.dropout, drop_path_rate=args.drop_path)
     if args.freeze_layers:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(("features.top.", "classifier."))
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    if utils.world_size() > 1 and args.sync_bn:
+    if runtime.world_size() > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     compiled = torch.compile(model) if args.compile else model
-    train_model = compiled if utils.world_size() == 1 else torch.nn.parallel.DistributedDataParallel(
+    train_model = compiled if runtime.world_size() == 1 else torch.nn.parallel.DistributedDataParallel(
         compiled, device_ids=[device.index] if device.type == "cuda" else None)
     ema = AveragedModel(model, multi_avg_fn=ema_update(args.ema_decay), use_buffers=True) if args.ema else None
     return Models(train_model, model, ema.module if ema is not None else compiled, ema)
@@ -366,7 +372,7 @@ def build_optimization(args, models, batches_per_epoch, device, ckpt):
     optimizer = build_optimizer(args, models.raw)
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=utils.amp_dtype(args.amp, device) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype(args.amp, device) == torch.float16)
     progress = checkpoint.new_progress()
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -380,11 +386,11 @@ def build_optimization(args, models, batches_per_epoch, device, ckpt):
         if models.ema is not None and ckpt.get("ema"):
             models.ema.load_state_dict(ckpt["ema"])
         rngs = ckpt["rng"]
-        utils.set_rng_state(rngs[min(utils.rank(), len(rngs) - 1)])
+        runtime.set_rng_state(rngs[min(runtime.rank(), len(rngs) - 1)])
         progress = {k: ckpt.get(k, v) for k, v in progress.items()}  # keys added since: their start value
         so_far = (f"best val top-1 so far {progress['best_top1']:.4f}" if progress["epoch"]
                   else "no epoch had finished")
-        utils.print0(f"resuming {args.output_dir} at epoch {progress['epoch'] + 1} ({so_far})")
+        runtime.print0(f"resuming {args.output_dir} at epoch {progress['epoch'] + 1} ({so_far})")
     return (optimizer, scheduler, scaler), progress
 
 
@@ -394,20 +400,20 @@ def evaluate_only(args, models, data, device):
     classes = data.split.classes
     tta = args.tta and not trained_without_flips(args)
     result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last,
-                            utils.rank() == 0, tta=tta)
-    utils.print0(f"{len(data.split.val_images)} validation images{' (--tta: with their mirror images)' if tta else ''}: "
+                            runtime.rank() == 0, tta=tta)
+    runtime.print0(f"{len(data.split.val_images)} validation images{' (--tta: with their mirror images)' if tta else ''}: "
                  f"loss {result['val_loss']:.4f}  top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}")
-    for row in utils.per_class_rows(result["confusion"], classes):
-        utils.print0(f"  {row['class']:>20}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+    for row in reports.per_class_rows(result["confusion"], classes):
+        runtime.print0(f"  {row['class']:>20}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
                      f"f1 {row['f1']:.3f}  support {row['support']}")
-    if utils.rank() == 0:
+    if runtime.rank() == 0:
         folder = args.output_dir or os.path.dirname(os.path.abspath(args.weights or args.resume))
         try:
             os.makedirs(folder, exist_ok=True)
-            utils.print0(utils.write_mistakes(folder, result["predictions"], data.split, "validation, "
+            runtime.print0(reports.write_mistakes(folder, result["predictions"], data.split, "validation, "
                                               f"{os.path.basename(args.weights or args.resume)}"))
         except OSError as e:
-            utils.print0(f"warning: cannot write predictions.csv and mistakes.png to {folder} ({e.strerror}); "
+            runtime.print0(f"warning: cannot write predictions.csv and mistakes.png to {folder} ({e.strerror}); "
                          "name a writable folder with --output-dir", file=sys.stderr)
     return 0
 
@@ -419,7 +425,7 @@ def trained_without_flips(args):
         meta = checkpoint.load_checkpoint(args.weights).get("meta") or {}
     no_hflip = args.no_hflip or (meta.get("args") or {}).get("no_hflip", False)
     if no_hflip:
-        utils.print0("note: --tta left off: the model was trained with --no-hflip, so its mirror images may be "
+        runtime.print0("note: --tta left off: the model was trained with --no-hflip, so its mirror images may be "
                      "other classes", file=sys.stderr)
     return no_hflip
 
@@ -434,35 +440,35 @@ def start_outputs(args, ckpt, split, save_first):
         if ckpt is None:
             made = make_run_dir(args)
         lock_run_dir(args.output_dir)
-        checkpoint.remove_stale_temp_files(args.output_dir)
-        utils.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), split.classes)
+        outputs.remove_stale_temp_files(args.output_dir)
+        model_files.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), split.classes)
         if ckpt is None:
             save_first()
     except BaseException as e:
         if made and not os.path.exists(os.path.join(args.output_dir, "last.pth")):
             shutil.rmtree(args.output_dir, ignore_errors=True)
         if isinstance(e, OSError):  # not a folder, read-only, a full disk
-            raise utils.UsageError(f"cannot write to the run folder {args.output_dir} ({e.strerror}): choose "
+            raise cli.UsageError(f"cannot write to the run folder {args.output_dir} ({e.strerror}): choose "
                                    "another with --output-dir or free some space") from None
         raise
 
 
 def main(args, parser):
-    rank, world, local_rank = utils.setup_distributed()
+    rank, world, local_rank = runtime.setup_distributed()
     ckpt = None
     if args.resume is not None:
         args, ckpt = resume_args(args, parser)
     set_defaults(args)
-    device = utils.choose_device(args.device, local_rank)
+    device = runtime.choose_device(args.device, local_rank)
     if device.type == "cpu":
-        utils.keep_freed_memory()
+        runtime.keep_freed_memory()
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
 
     data = build_data(args, device)
     classes = data.split.classes
     if ckpt is not None and ckpt["meta"]["classes"] != classes:
-        raise utils.DataError(f"--resume: {args.data_path} has classes {classes}, but the run was trained on "
+        raise cli.DataError(f"--resume: {args.data_path} has classes {classes}, but the run was trained on "
                               f"{ckpt['meta']['classes']}; resume with the same data or start a new run")
     models = build_model(args, len(classes), ckpt, device)
     if args.eval_only:
@@ -474,19 +480,19 @@ def main(args, parser):
         start_outputs(args, ckpt, data.split, save)
     elif ckpt is None:
         save()  # its part of the first last.pth: this process's RNG state
-    amp = utils.amp_dtype(args.amp, device)
-    utils.print0(f"EfficientNet-{args.model.upper()} at {args.img_size}px, {len(classes)} classes, "
+    amp = runtime.amp_dtype(args.amp, device)
+    runtime.print0(f"EfficientNet-{args.model.upper()} at {args.img_size}px, {len(classes)} classes, "
                  f"{len(data.split.train_images)} train / {len(data.split.val_images)} val images, device {device}"
                  f"{f' x {world} processes' if world > 1 else ''}, global batch {args.batch_size * world * args.grad_accum}, "
                  f"{args.optimizer} lr {args.lr:g}, amp {amp and str(amp).split('.')[-1] or 'off'}")
-    utils.print0(f"writing to {args.output_dir}")
+    runtime.print0(f"writing to {args.output_dir}")
     return fit(args, models, data, optimization, progress, meta, device)
 
 
 def save_last(args, models, meta, progress, optimization):
     """last.pth with every process's RNG state, so that each resumes its own streams."""
-    rngs = utils.gather_objects(utils.rng_state())
-    if utils.rank() == 0:
+    rngs = runtime.gather_objects(runtime.rng_state())
+    if runtime.rank() == 0:
         checkpoint.save_last(os.path.join(args.output_dir, "last.pth"), models.raw, meta, progress, *optimization,
                              models.ema, rngs)
 
@@ -495,11 +501,11 @@ def fit(args, models, data, optimization, progress, meta, device):
     """The epoch loop: train, evaluate, save best.pth, last.pth, metrics and plots; the exit code."""
     optimizer, scheduler, scaler = optimization
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    is_main, classes = utils.rank() == 0, data.split.classes
+    is_main, classes = runtime.rank() == 0, data.split.classes
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
     done = progress["epoch"]  # the last epoch whose state last.pth holds
     stuck = 0  # epochs in a row whose validation says nothing has been learned
-    mix = utils.build_mix(args.mixup_alpha, args.cutmix_alpha, len(classes))
+    mix = transforms.build_mix(args.mixup_alpha, args.cutmix_alpha, len(classes))
     counts = torch.bincount(torch.as_tensor(data.split.train_labels), minlength=len(classes))
     imbalanced = counts.max() >= 2 * counts.min()  # then each epoch shows every class's recall
     try:
@@ -512,7 +518,7 @@ def fit(args, models, data, optimization, progress, meta, device):
                 plain = models.raw if models.ema is None else models.ema.module
                 utils.precise_bn(plain, data.bn_loader, device, args.channels_last, is_main)
             else:  # BatchNorm statistics drift apart on each rank: evaluate (and save) rank 0's everywhere
-                utils.broadcast_buffers(models.eval)
+                runtime.broadcast_buffers(models.eval)
             utils.check_finite(models.raw, epoch)
             result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last, is_main)
             if not math.isfinite(result["val_loss"]):
@@ -521,7 +527,7 @@ def fit(args, models, data, optimization, progress, meta, device):
                    **{k: result[k] for k in ("val_loss", "val_top1", "val_top5")},
                    "epoch_seconds": time.perf_counter() - start, "images_per_second": rate}
             progress["history"].append(row)
-            problem = utils.learning_problem(result["confusion"], classes)
+            problem = reports.learning_problem(result["confusion"], classes)
             stuck = stuck + 1 if problem else 0
             if result["val_top1"] > progress["best_top1"]:
                 progress.update(best_top1=result["val_top1"], best_confusion=result["confusion"],
@@ -533,13 +539,13 @@ def fit(args, models, data, optimization, progress, meta, device):
             save_last(args, models, meta, progress, optimization)
             done = epoch
             if is_main:
-                utils.write_metrics(out("metrics.csv"), progress["history"])
-                utils.plot_curves(progress["history"], out("curves.png"), len(classes))
+                reports.write_metrics(out("metrics.csv"), progress["history"])
+                reports.plot_curves(progress["history"], out("curves.png"), len(classes))
                 if not os.path.exists(out("class_distribution.png")):  # drawn here, not before the first step
-                    utils.plot_class_distribution(data.split, out("class_distribution.png"))
-            utils.print0(epoch_line(args, row, progress["history"], len(classes), problem if stuck >= 2 else None))
+                    reports.plot_class_distribution(data.split, out("class_distribution.png"))
+            runtime.print0(epoch_line(args, row, progress["history"], len(classes), problem if stuck >= 2 else None))
             if imbalanced:
-                utils.print0("  " + utils.recall_line(result["confusion"], classes))
+                runtime.print0("  " + reports.recall_line(result["confusion"], classes))
             if data.check is not None:  # a large folder's headers, read while this epoch ran
                 data.check.report()
         if data.check is not None:
@@ -573,24 +579,24 @@ def finish(args, progress, split):
     classes = split.classes
     best, confusion = progress["best_top1"], progress["best_confusion"]
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
-    if utils.rank() == 0 and confusion is not None:
+    if runtime.rank() == 0 and confusion is not None:
         best_epoch = next(r["epoch"] for r in progress["history"] if r["val_top1"] == best)
-        utils.plot_confusion(confusion, classes, out("confusion_matrix.png"),
+        reports.plot_confusion(confusion, classes, out("confusion_matrix.png"),
                              f"validation, epoch {best_epoch} (best.pth): top-1 {best:.4f}")
-        utils.write_per_class(out("per_class.csv"), confusion, classes)
+        reports.write_per_class(out("per_class.csv"), confusion, classes)
         if progress["best_predictions"] is not None:
-            utils.print0(utils.write_mistakes(args.output_dir, progress["best_predictions"], split,
+            runtime.print0(reports.write_mistakes(args.output_dir, progress["best_predictions"], split,
                                               f"validation, epoch {best_epoch} (best.pth)"))
-    utils.print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
-    problem = confusion is not None and utils.learning_problem(confusion, classes)
+    runtime.print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
+    problem = confusion is not None and reports.learning_problem(confusion, classes)
     if problem:
-        utils.print0(f"warning: the model has not learned to tell the classes apart: {problem}. Try more "
+        runtime.print0(f"warning: the model has not learned to tell the classes apart: {problem}. Try more "
                      f"--epochs, pretrained --weights (see README), or a lower --lr (this run: {args.lr:g})",
                      file=sys.stderr)
 
 
 def resume_command(args):
-    world = utils.world_size()
+    world = runtime.world_size()
     launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
     return f"{launcher} train.py --resume {os.path.join(args.output_dir, 'last.pth')}"
 
@@ -599,11 +605,11 @@ def interrupted(args, done):
     """Tell how to go on after Ctrl-C or SIGTERM in epoch done + 1 (or after the last); exit code 130."""
     last = os.path.join(args.output_dir, "last.pth")
     if done >= args.epochs:  # while the last plots were drawn
-        utils.print0(f"\ninterrupted after the last epoch; {last} holds epoch {done}: the run is complete",
+        runtime.print0(f"\ninterrupted after the last epoch; {last} holds epoch {done}: the run is complete",
                      file=sys.stderr)
     else:
         holds = f"{last} holds epoch {done}" if done else "no epoch finished yet"
-        utils.print0(f"\ninterrupted in epoch {done + 1}; {holds}. Resume with:\n  {resume_command(args)}",
+        runtime.print0(f"\ninterrupted in epoch {done + 1}; {holds}. Resume with:\n  {resume_command(args)}",
                      file=sys.stderr)
     return 130
 
@@ -612,7 +618,7 @@ def failed(args, done, error, advice):
     """One line for a run that cannot go on: what failed, what last.pth holds, what to do; exit code 1."""
     last = os.path.join(args.output_dir, "last.pth")
     holds = f"{last} holds epoch {done}" if done else f"no epoch finished yet ({last} holds the start)"
-    utils.print0(f"error: {error}. {holds}; {advice}", file=sys.stderr)
+    runtime.print0(f"error: {error}. {holds}; {advice}", file=sys.stderr)
     return 1
 
 
@@ -623,14 +629,14 @@ def on_signal(signum, frame):
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    utils.speak_any_file_name()
-    utils.quiet_warnings()
+    cli.speak_any_file_name()
+    cli.quiet_warnings()
     parser = get_args_parser()
     args = parser.parse_args()
     check_args(parser, args)
     try:
         code = main(args, parser)
-    except (utils.UsageError, WeightsError) as e:
+    except (cli.UsageError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:  # before the first epoch: nothing to resume yet, and no run folder left

@@ -22,10 +22,14 @@ sys.path.insert(0, str(ROOT))
 
 from model import VARIANTS  # noqa: E402
 from my_dataset import MyDataSet, PackedPaths, load_rgb  # noqa: E402
+import transforms  # noqa: E402
 import utils  # noqa: E402
-from utils import (DataError, Split, build_transform, check_image, list_images, make_loader,  # noqa: E402
-                   plot_class_distribution, read_class_indices, read_split_data, scan_classes,
-                   write_class_indices)
+from cli import DataError  # noqa: E402
+from model_files import read_class_indices, write_class_indices  # noqa: E402
+from my_dataset import make_loader  # noqa: E402
+from reports import plot_class_distribution  # noqa: E402
+from transforms import build_transform  # noqa: E402
+from utils import Split, check_image, list_images, read_split_data, scan_classes  # noqa: E402
 
 DIGITS = ROOT / "data" / "digits"
 DIGIT_COUNTS = {0: 178, 1: 182, 2: 177, 3: 183, 4: 181, 5: 182, 6: 181, 7: 179, 8: 174, 9: 180}
@@ -701,7 +705,7 @@ def test_eval_transform_equals_torchvision_to_the_bit(interpolation):
     import matplotlib
     photo = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")
     for resize, crop in ((256, 224), (73, 64), (36, 32)):
-        ours = utils.EvalTransform(resize, crop, interpolation, B0.mean, B0.std)
+        ours = transforms.EvalTransform(resize, crop, interpolation, B0.mean, B0.std)
         theirs = T.Compose([T.ToImage(), T.Resize(resize, interpolation=T.InterpolationMode(interpolation),
                                                   antialias=True), T.CenterCrop(crop),
                             T.ToDtype(torch.float32, scale=True), T.Normalize(B0.mean, B0.std)])

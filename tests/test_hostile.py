@@ -16,6 +16,9 @@ from PIL import Image
 
 import predict as predict_script
 import train as train_script
+import cli
+import runtime
+import transforms
 import utils
 from conftest import FAST, ROOT, copy_digits, run_script
 from test_data import write_bomb_png, write_truncated_jpeg
@@ -207,8 +210,8 @@ def test_out_of_range_flags_are_refused(flags, words, capsys):
 
 
 def test_a_device_that_cannot_train_is_refused():
-    with pytest.raises(utils.UsageError, match="--device meta is not a device to train or predict on"):
-        utils.choose_device("meta")
+    with pytest.raises(cli.UsageError, match="--device meta is not a device to train or predict on"):
+        runtime.choose_device("meta")
 
 
 # ---- exact resume -------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ def test_kill_9_and_resume_is_exact_with_two_workers(tmp_path):
 def test_augmentation_does_not_depend_on_the_worker():
     """The same (index, seed) gives the same crop whichever process loads it; another seed another."""
     paths = [os.path.join(ROOT, "data", "digits", "3", sorted(os.listdir(os.path.join(ROOT, "data", "digits", "3")))[0])]
-    ds = utils.MyDataSet(paths, [3], transform=utils.build_transform(
+    ds = utils.MyDataSet(paths, [3], transform=transforms.build_transform(
         train_script.VARIANTS["b0"], 32, train=True, scale=(0.08, 1.0)))
     torch.manual_seed(1)
     a = ds[(0, 123)][0]
@@ -250,7 +253,7 @@ def test_augmentation_does_not_depend_on_the_worker():
 PATCHED = textwrap.dedent("""
     import runpy, sys
     sys.path.insert(0, {root!r})
-    import utils, checkpoint
+    import checkpoint, model_files, reports, utils
     {patch}
     sys.argv = [{script!r}] + sys.argv[1:]
     runpy.run_path({script!r}, run_name="__main__")
@@ -266,11 +269,11 @@ def run_patched(tmp_path, patch, *args):
 
 
 def interrupted_in(function, tmp_path, *args):
-    """train.py with a Ctrl-C arriving while utils.`function` runs."""
+    """train.py with a Ctrl-C arriving while `function` (module.name) runs."""
     patch = f"""
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
-        utils.{function} = interrupted
+        {function} = interrupted
     """
     return run_patched(tmp_path, patch, *args)
 
@@ -278,7 +281,7 @@ def interrupted_in(function, tmp_path, *args):
 def test_signal_during_start_up_leaves_no_half_made_run_folder(tiny_data, tmp_path):
     """Ctrl-C while the run folder is being set up: one line, exit 130, and the folder is gone
     (it had no last.pth to resume from)."""
-    result = interrupted_in("write_class_indices", tmp_path, "--data-path", tiny_data,
+    result = interrupted_in("model_files.write_class_indices", tmp_path, "--data-path", tiny_data,
                             "--output-dir", tmp_path / "run", *FAST)
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
     assert "interrupted before training started" in result.stderr
@@ -299,7 +302,7 @@ def test_real_signals_at_any_moment_of_start_up(tiny_data, tmp_path, delay):
 
 def test_signal_while_drawing_the_final_plots(tiny_data, tmp_path):
     """Ctrl-C after the last epoch, while the last plots are drawn: the run is complete and says so."""
-    result = interrupted_in("plot_confusion", tmp_path, "--data-path", tiny_data, "--output-dir", tmp_path / "run",
+    result = interrupted_in("reports.plot_confusion", tmp_path, "--data-path", tiny_data, "--output-dir", tmp_path / "run",
                             *FAST, "--epochs", "1")
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
     assert "the run is complete" in result.stderr
@@ -371,7 +374,7 @@ def test_predict_checks_its_output_paths_before_predicting(tiny_data, tmp_path):
     result = run_script("predict.py", tiny_data, "--weights", weights, "--csv", tmp_path / "no" / "p.csv", check=False)
     assert_user_error(result, "--csv", "does not exist")
     assert result.stdout == ""  # nothing was predicted first
-    with pytest.raises(utils.UsageError, match="--plot .* is a folder"):
+    with pytest.raises(cli.UsageError, match="--plot .* is a folder"):
         predict_script.check_output_file(str(tmp_path), "--plot")
 
 

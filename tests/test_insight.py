@@ -10,6 +10,7 @@ import torchvision
 from PIL import Image
 
 import checkpoint
+import model_files
 import predict
 from conftest import FAST, run_script
 
@@ -80,7 +81,7 @@ def test_tta_is_the_mean_over_the_image_and_its_mirror(trained, tmp_path):
     source = os.path.join(data, "2", sorted(os.listdir(os.path.join(data, "2")))[0])
     image = Image.open(source).convert("RGB").resize((48, 40))
     image.save(tmp_path / "a.png")
-    model, _, transform, _ = predict.load_model(run / "best.pth")
+    model, _, transform, _ = model_files.load_model(run / "best.pth")
     x = transform(image)[None]
     with torch.no_grad():
         expected = ((model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2)[0]

@@ -15,13 +15,13 @@ from conftest import ROOT, copy_digits, run_script
 
 def resident_after_free(keep):
     """Resident MiB a fresh process holds above its start after allocating and freeing twenty 8 MiB
-    tensors, with or without utils.keep_freed_memory()."""
+    tensors, with or without runtime.keep_freed_memory()."""
     code = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {ROOT!r})
         import torch, utils
         def rss():
             return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-        applied = utils.keep_freed_memory() if {keep} else False
+        applied = runtime.keep_freed_memory() if {keep} else False
         start = rss()
         blocks = [torch.ones(2**21) for _ in range(20)]  # 8 MiB each, touched
         del blocks

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import train as train_script
+import my_dataset
+import transforms
 import utils
 from conftest import DIGITS, FAST, copy_digits, run_script
 from model import VARIANTS
@@ -17,11 +19,11 @@ IMAGE = os.path.join(DIGITS, "3", sorted(os.listdir(os.path.join(DIGITS, "3")))[
 
 def augmented(seed, **options):
     """The digit IMAGE as training sees it at 64 px, drawn with `seed`."""
-    transform = utils.build_transform(VARIANTS["b0"], 64, train=True, **options)
+    transform = transforms.build_transform(VARIANTS["b0"], 64, train=True, **options)
     return MyDataSet([IMAGE], [0], transform)[(0, seed)][0]
 
 
-@pytest.mark.parametrize("policy", utils.AUTO_AUGMENT)
+@pytest.mark.parametrize("policy", transforms.AUTO_AUGMENT)
 def test_auto_augment_policies_are_applied_and_follow_the_seed(policy):
     for seed in range(3):
         image = augmented(seed, auto_augment=policy)
@@ -33,7 +35,7 @@ def test_auto_augment_policies_are_applied_and_follow_the_seed(policy):
 
 
 def test_ra_magnitude_sets_randaugment_strength():
-    transform = utils.build_transform(VARIANTS["b0"], 64, train=True, auto_augment="ra", ra_magnitude=21)
+    transform = transforms.build_transform(VARIANTS["b0"], 64, train=True, auto_augment="ra", ra_magnitude=21)
     assert [t.magnitude for t in transform.transforms if type(t).__name__ == "RandAugment"] == [21]
     assert not torch.equal(augmented(5, auto_augment="ra", ra_magnitude=3),
                            augmented(5, auto_augment="ra", ra_magnitude=25))
@@ -51,7 +53,7 @@ def test_random_erase_blanks_a_rectangle():
 
 @pytest.mark.parametrize("mixup, cutmix, kind", [(0.2, 0, "MixUp"), (0, 1.0, "CutMix"), (0.2, 1.0, "RandomChoice")])
 def test_mixup_and_cutmix_give_soft_labels(mixup, cutmix, kind):
-    mix = utils.build_mix(mixup, cutmix, num_classes=5)
+    mix = transforms.build_mix(mixup, cutmix, num_classes=5)
     assert type(mix).__name__ == kind
     images, labels = torch.rand(8, 3, 32, 32), torch.arange(8) % 5
     torch.manual_seed(0)
@@ -62,13 +64,13 @@ def test_mixup_and_cutmix_give_soft_labels(mixup, cutmix, kind):
     assert torch.equal(mix(images.clone(), labels)[0], mixed)  # seeded by the run's --seed
     loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(torch.randn(8, 5), soft)  # as train.py's criterion
     assert torch.isfinite(loss)
-    assert utils.build_mix(0, 0, 5) is None
+    assert transforms.build_mix(0, 0, 5) is None
 
 
 def test_balance_draws_every_class_equally_and_splits_among_processes():
     labels = [0] * 80 + [1] * 20 + [2] * 10
-    weights = utils.balanced_weights(labels)
-    samplers = [utils.EpochSampler(labels, 2, rank, seed=0, weights=weights) for rank in (0, 1)]
+    weights = my_dataset.balanced_weights(labels)
+    samplers = [my_dataset.EpochSampler(labels, 2, rank, seed=0, weights=weights) for rank in (0, 1)]
     counts, epochs = Counter(), []
     for epoch in range(20):
         parts = []

@@ -14,6 +14,7 @@ import torchvision
 from PIL import Image
 
 import checkpoint
+import outputs
 from conftest import FAST, ROOT, copy_digits, run_script
 
 
@@ -220,7 +221,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        checkpoint.atomic_write(path, broken_write)
+        outputs.atomic_write(path, broken_write)
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
     assert os.listdir(tmp_path) == ["best.pth"]
 

@@ -185,14 +185,14 @@ def test_checkpoints_of_format_1_predict_and_resume(tiny_data, tmp_path):
 def test_not_learning_is_said_with_what_to_try():
     """learning_problem: a healthy confusion matrix says nothing; one class taking all predictions,
     or top-1 no better than the largest class, is named."""
-    import utils
+    import reports
     classes = ["cat", "dog", "fox"]
     healthy = torch.tensor([[8, 1, 1], [1, 9, 0], [0, 2, 8]])
-    assert utils.learning_problem(healthy, classes) is None
+    assert reports.learning_problem(healthy, classes) is None
     one_class = torch.tensor([[10, 0, 0], [10, 0, 0], [9, 0, 1]])
-    assert "29 of 30 validation images are predicted as 'cat'" in utils.learning_problem(one_class, classes)
+    assert "29 of 30 validation images are predicted as 'cat'" in reports.learning_problem(one_class, classes)
     chance = torch.tensor([[4, 3, 3], [4, 3, 3], [3, 4, 3]])  # top-1 0.33, as guessing
-    assert "no better than always answering the largest class" in utils.learning_problem(chance, classes)
+    assert "no better than always answering the largest class" in reports.learning_problem(chance, classes)
 
 
 def test_a_run_that_learned_nothing_says_so(tiny_data, tmp_path):
@@ -257,7 +257,7 @@ def test_help_gives_each_default_once():
 def test_interrupt_before_any_epoch_finished_says_so(tiny_data, tmp_path):
     from test_hostile import interrupted_in
     run = tmp_path / "run"
-    result = interrupted_in("train_one_epoch", tmp_path, "--data-path", tiny_data, "--output-dir", run, *FAST)
+    result = interrupted_in("utils.train_one_epoch", tmp_path, "--data-path", tiny_data, "--output-dir", run, *FAST)
     assert result.returncode == 130 and "no epoch finished yet" in result.stderr
     assert "holds epoch 0" not in result.stderr
     result = run_script("train.py", "--resume", run / "last.pth", "--epochs", "1")

@@ -1,0 +1,74 @@
+"""What every script's command line shares: the flag parser (no abbreviations, a close flag
+suggested for a typo), the errors that end a script with one line instead of a traceback, and how
+warnings and file or class names are printed."""
+import argparse
+import difflib
+import sys
+import warnings
+
+from PIL import Image
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" where there is a default to show and the help text does not
+    already say it."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or action.default is False \
+                or not action.option_strings:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: no abbreviations (--epoch is a typo, not --epochs), and a close flag
+    name suggested for a flag it does not know (--img_size: did you mean --img-size?)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("--"):
+                    typed = word.split("=")[0].replace("_", "-").lower()
+                    close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.6)
+                    if close:
+                        message += f" (did you mean {close[0]}?)"
+        super().error(message)
+
+
+class UsageError(ValueError):
+    """A flag or path the user gave cannot be used (a run folder, a device); the message says what to change."""
+
+
+class DataError(UsageError):
+    """The data folder cannot be used as given; the message says what to change."""
+
+
+def quiet_warnings():
+    """Warnings as this repo's one-line messages, never with a line of library code under them.
+    Pillow's decompression-bomb warning becomes an error, so the image is named and left out like
+    any unreadable one; Pillow's notes on conversions that load_rgb makes anyway, and PyTorch's on
+    a scheduler step that a skipped fp16 step causes, are dropped. Called by the scripts at start."""
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    for message in ("Palette images with Transparency", "(Possibly )?[Cc]orrupt EXIF", "Truncated File Read",
+                    "Image appears to be a malformed MPO", "Metadata Warning",
+                    r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`",
+                    "This DataLoader will create"):  # --workers is capped at the CPU count instead
+        warnings.filterwarnings("ignore", message=message)
+    warnings.showwarning = lambda message, category, *rest: print(f"warning: {message}", file=sys.stderr)
+
+
+def speak_any_file_name():
+    """Let print() show any file name: one that is not UTF-8 is printed with backslash escapes
+    instead of raising UnicodeEncodeError. Called by the scripts at start."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def printable(name):
+    """A file or class name as text a plot can draw: bytes that are not UTF-8 as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
