@@ -5,6 +5,7 @@ names, input size, mean and std, resize, crop and interpolation, the variant, th
 
     python export.py --weights weights/b0-digits/best.pth --format onnx      # -> best.onnx, best.onnx.json
     python export.py --weights best.pth --format pt2 --dynamic-batch --output deploy/b0.pt2
+    python export.py --weights imagenet --model b2 --format pt2              # ImageNet B2, written here
     python predict.py photo.jpg --weights best.onnx                          # same top-k as best.pth
 
 ONNX needs `pip install -r requirements-export.txt` (onnx, onnxscript, onnxruntime); pt2 needs
@@ -20,6 +21,7 @@ import torch
 import cli
 import model_files
 import outputs
+import pretrained
 from checkpoint import WeightsError
 from model import VARIANTS
 
@@ -28,7 +30,10 @@ ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export needs; onnxrunt
 
 def get_args_parser():
     p = cli.ArgumentParser(description="Export a trained EfficientNet to ONNX or torch.export (.pt2).")
-    p.add_argument("--weights", required=True, help="best.pth from train.py, or a torchvision / tutorial state_dict")
+    p.add_argument("--weights", required=True, help="best.pth from train.py, or a torchvision / tutorial state_dict, "
+                   "or " + pretrained.NAMES_HELP)
+    p.add_argument("--model", default=None, choices=list(VARIANTS),
+                   help="variant (default: read from the weights; with --weights imagenet, b0)")
     p.add_argument("--format", default="onnx", choices=["onnx", "pt2"], help="onnx (needs requirements-export.txt) "
                    "or pt2 (torch.export, needs only torch)")
     p.add_argument("--img-size", type=int, default=None,
@@ -80,13 +85,16 @@ def main(args):
         return 2
     if args.img_size is not None and not 32 <= args.img_size <= 1024:
         raise cli.UsageError(f"--img-size must be between 32 and 1024 (got {args.img_size})")
+    if (weights := pretrained.resolve(args.weights, args.model)) != args.weights and args.output is None:
+        args.output = os.path.basename(os.path.splitext(weights)[0]) + "." + args.format  # here, not in torch's cache
+    args.weights = weights
     output = args.output or os.path.splitext(args.weights)[0] + "." + args.format
     if not output.endswith("." + args.format):
         raise cli.UsageError(f"--output {output}: a {args.format} file should end in .{args.format}")
     outputs.check_output_file(output, "--output")
     if os.path.abspath(output) == os.path.abspath(args.weights):
         raise cli.UsageError(f"--output {output} is the weights file itself; choose another name")
-    model, info, _, _ = model_files.load_model(args.weights)
+    model, info, _, _ = model_files.load_model(args.weights, args.model)
     if info.get("source") == "export":
         raise WeightsError(f"{args.weights} is an exported file already; export from the best.pth it came from")
     model = model.to(memory_format=torch.contiguous_format).eval()

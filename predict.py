@@ -3,6 +3,7 @@
     python predict.py photo.jpg --weights weights/b0-flower_photos/best.pth
     python predict.py data/digits/3 --weights weights/b0-digits/best.pth --topk 3
     python predict.py "shots/**/*.jpg" --weights efficientnet_b0_rwightman-7f5810bc.pth --json
+    python predict.py photo.jpg --weights imagenet --model b3 --topk 5   # ImageNet classes
     python predict.py my_photos --weights best.pth --csv predictions.csv --plot predictions.png
 
 PATH may be image files, folders (searched recursively) or glob patterns. Weights are this repo's
@@ -24,6 +25,7 @@ from tqdm import tqdm
 import cli
 import model_files
 import outputs
+import pretrained
 import reports
 import runtime
 import transforms
@@ -36,8 +38,10 @@ from my_dataset import load_rgb
 def get_args_parser():
     p = cli.ArgumentParser(description="Predict the class of images with an EfficientNet.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    p.add_argument("--weights", help="best.pth from train.py, or a torchvision / tutorial state_dict (required)")
-    p.add_argument("--model", default=None, choices=list(VARIANTS), help="variant (default: read from the weights)")
+    p.add_argument("--weights", help="best.pth from train.py, or a torchvision / tutorial state_dict (required), "
+                   "or " + pretrained.NAMES_HELP)
+    p.add_argument("--model", default=None, choices=list(VARIANTS),
+                   help="variant (default: read from the weights; with --weights imagenet, b0)")
     p.add_argument("--class-indices", default=None,
                    help="class_indices.json with the class names (default: from the checkpoint, or beside it)")
     p.add_argument("--topk", type=int, default=1, help="how many classes to show per image")
@@ -218,6 +222,7 @@ def main(args):
     device = runtime.choose_device(args.device)
     if device.type == "cpu":
         runtime.keep_freed_memory()
+    args.weights = pretrained.resolve(args.weights, args.model)  # a name (imagenet): the file in torch's cache
     model, info, transform, resize = model_files.load_model(args.weights, args.model, device)
     names = model_files.class_names(info, args.weights, args.class_indices, info["num_classes"])
     topk = min(args.topk, len(names))

@@ -1,7 +1,7 @@
 """Train an EfficientNet classifier on a folder of images (one sub-folder per class).
 
     python train.py --img-size 64 --epochs 6                      # B0 on the bundled digits
-    python train.py --data-path data/flower_photos --model b0 --weights efficientnet_b0_rwightman-7f5810bc.pth
+    python train.py --data-path data/flower_photos --model b0 --weights imagenet
     python train.py --resume weights/b0-flower_photos/last.pth    # continue an interrupted run
     torchrun --nproc_per_node=4 train.py --data-path data/flower_photos
 
@@ -33,6 +33,7 @@ import cli  # noqa: E402
 import model_files  # noqa: E402
 import my_dataset  # noqa: E402
 import outputs  # noqa: E402
+import pretrained  # noqa: E402
 import reports  # noqa: E402
 import runtime  # noqa: E402
 import transforms  # noqa: E402
@@ -63,7 +64,8 @@ def get_args_parser():
     model.add_argument("--img-size", type=int, default=None,
                        help="training resolution (default: the variant's, 224 for b0)")
     model.add_argument("--weights", default=None,
-                       help="initial weights: torchvision's or the tutorial's file, or a checkpoint")
+                       help="initial weights: torchvision's or the tutorial's file, a checkpoint, or "
+                            + pretrained.NAMES_HELP)
     model.add_argument("--dropout", type=float, default=None,
                        help="dropout before the classifier (default: the variant's, 0.2 for b0 to 0.5 for b7)")
     model.add_argument("--drop-path", type=float, default=0.0,
@@ -295,7 +297,7 @@ Models = namedtuple("Models", "train raw eval ema")
 
 
 def build_model(args, num_classes, ckpt, device):
-    weights = ckpt if ckpt is not None else args.weights
+    weights = ckpt if ckpt is not None else pretrained.resolve(args.weights, args.model, runtime.on_rank0)
     model = create_model(args.model, num_classes, weights=weights, verbose=runtime.rank() == 0,
                          grad_checkpointing=args.grad_checkpointing, lean=args.lean_activations,
                          dropout=args.dropout, drop_path_rate=args.drop_path)

@@ -1,0 +1,337 @@
+"""--weights imagenet: names, torch's hub cache, the download (checked, whole or nothing, once under
+torchrun) and the scripts on it. No internet: a web server on 127.0.0.1 that each test starts and
+stops plays download.pytorch.org, and TORCH_HOME is the test's own folder."""
+import hashlib
+import http.server
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+
+import matplotlib
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import pretrained
+from checkpoint import WeightsError
+from conftest import FAST, ROOT, copy_digits, run_script
+
+PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+B0 = pretrained.FILES["b0"]
+
+
+class Server:
+    """A web server on 127.0.0.1 (a free port) for the length of a `with`. It serves `files`
+    ({name: bytes}) and counts the requests; `mode` misbehaves on purpose: "500", "truncate" (sends
+    half of what Content-Length promised, then closes), "together" (holds every answer until two
+    requests are in, so two downloads overlap). `delay`: seconds between 64 KiB blocks."""
+
+    def __init__(self, files, mode="ok", delay=0.0):
+        self.files, self.mode, self.delay, self.requests = files, mode, delay, 0
+        self.two_in = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 10  # a client that stops reading cannot hold a thread for longer
+
+            def do_GET(self):
+                outer.requests += 1
+                if outer.requests >= 2:
+                    outer.two_in.set()
+                body = outer.files.get(self.path.lstrip("/"))
+                if body is None or outer.mode == "500":
+                    self.send_error(404 if body is None else 500)
+                    return
+                if outer.mode == "together":
+                    outer.two_in.wait(10)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                sent = body[:len(body) // 2] if outer.mode == "truncate" else body
+                for i in range(0, len(sent), 1 << 16):
+                    self.wfile.write(sent[i:i + (1 << 16)])
+                    threading.Event().wait(outer.delay)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/models/"  # a trailing slash, stripped
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.two_in.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+def dead_url():
+    """A URL on a port of 127.0.0.1 where nothing listens: connection refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/models"
+
+
+def named(content, stem="efficientnet_b0_test"):
+    """A file name that carries the start of its content's sha256, as torchvision's do."""
+    return f"{stem}-{hashlib.sha256(content).hexdigest()[:8]}.pth"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """TORCH_HOME in the test's folder, no proxy for 127.0.0.1, short timeouts; the hub cache folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setattr(pretrained, "TIMEOUT", 5)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.fixture
+def payload(monkeypatch):
+    """300 KB of bytes as the b0 file, under a name that carries its hash (the official names
+    carry the official files' hashes)."""
+    content = os.urandom(300_000)
+    monkeypatch.setitem(pretrained.FILES, "b0", named(content))
+    return content
+
+
+def listing(folder):
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_download_then_reuse_offline(cache, payload, monkeypatch, capsys):
+    """The first use downloads into torch's cache, with a progress line now and then in a log; the
+    second is served from the cache with the server gone."""
+    monkeypatch.setattr(pretrained, "LOG_INTERVAL", 0.0)  # a line for every block
+    name = pretrained.FILES["b0"]
+    with Server({f"models/{name}": payload}) as server:
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
+        path = pretrained.resolve("imagenet", "b0")
+    assert server.requests == 1
+    assert path == str(cache / name) and open(path, "rb").read() == payload
+    assert listing(cache) == [name]  # no temporary file left
+    log = capsys.readouterr().err.splitlines()
+    assert log[0] == f"downloading {server.url.rstrip('/')}/{name} to {path} (0.3 MB)"
+    assert "0.3 MB (100%)" in log[-2] and log[-1].startswith(f"downloaded {name} (0.3 MB in")
+
+    monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", dead_url())
+    assert pretrained.resolve("IMAGENET1K_V1", None) == path  # offline: the cache is enough
+    assert capsys.readouterr().err == ""
+
+
+def test_names(cache, tmp_path, monkeypatch):
+    """torchvision's spellings, a variant in the name against --model, DEFAULT meaning V1 for b1,
+    V2 and unknown names refused in one line; paths pass through. All from the cache, offline."""
+    monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", dead_url())
+    cache.mkdir(parents=True)
+    for name in pretrained.FILES.values():
+        (cache / name).write_bytes(b"cached")  # used as it is: not hashed again
+    files = pretrained.FILES
+    for spelling in ("imagenet", "ImageNet", "IMAGENET1K_V1", "DEFAULT", "EfficientNet_B0_Weights.IMAGENET1K_V1"):
+        assert pretrained.resolve(spelling, "b0") == str(cache / files["b0"])
+    assert pretrained.resolve("imagenet", None) == str(cache / files["b0"])  # no --model: b0
+    assert pretrained.resolve("imagenet", "b4") == str(cache / files["b4"])
+    assert pretrained.resolve("EfficientNet_B3_Weights.IMAGENET1K_V1", None) == str(cache / files["b3"])
+    assert pretrained.resolve("EfficientNet_B1_Weights.DEFAULT", "b1") == str(cache / files["b1"])  # V1
+    assert files["b1"] == "efficientnet_b1_rwightman-bac287d4.pth"
+    with pytest.raises(WeightsError, match="are EfficientNet-B3 weights but --model is b0: use --model b3"):
+        pretrained.resolve("EfficientNet_B3_Weights.IMAGENET1K_V1", "b0")
+    with pytest.raises(WeightsError, match="IMAGENET1K_V2 .* use --weights imagenet"):
+        pretrained.resolve("EfficientNet_B1_Weights.IMAGENET1K_V2", "b1")
+    with pytest.raises(WeightsError) as unknown:
+        pretrained.resolve("imagenet21k", "b0")
+    assert "imagenet21k" in str(unknown.value) and pretrained.NAMES in str(unknown.value)
+    assert "\n" not in str(unknown.value)
+    own = tmp_path / "mine.pth"
+    own.write_bytes(b"x")
+    assert pretrained.resolve(str(own), "b0") == str(own) and pretrained.resolve(None, "b0") is None
+
+
+def test_two_downloads_at_once(cache, payload, monkeypatch):
+    """Two downloads that overlap (the server answers neither until both asked) each land a whole
+    file: the cache holds the right bytes and nothing else."""
+    name = pretrained.FILES["b0"]
+    results, errors = [], []
+
+    def use():
+        try:
+            results.append(pretrained.resolve("imagenet", "b0"))
+        except Exception as e:  # reported by the assertion below
+            errors.append(e)
+
+    with Server({f"models/{name}": payload}, mode="together", delay=0.01) as server:
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
+        threads = [threading.Thread(target=use) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert not errors and results == [str(cache / name)] * 2
+    assert server.requests == 2 and server.two_in.is_set()
+    assert listing(cache) == [name] and (cache / name).read_bytes() == payload
+
+
+def one_line_error(call):
+    with pytest.raises(WeightsError) as e:
+        call()
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("mode", ["404", "500", "unreachable"])
+def test_server_errors_name_the_url_and_the_cache(cache, payload, monkeypatch, mode):
+    """Nothing to download: one line with the URL tried, where to put the file by hand, or
+    --weights PATH; nothing in the cache."""
+    name = pretrained.FILES["b0"]
+    with Server({} if mode == "404" else {f"models/{name}": payload}, mode=mode) as server:
+        url = dead_url() if mode == "unreachable" else server.url
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", url)
+        message = one_line_error(lambda: pretrained.resolve("imagenet", "b0"))
+    assert f"cannot download {url.rstrip('/')}/{name}" in message
+    assert {"404": "HTTP 404", "500": "HTTP 500", "unreachable": "Connection refused"}[mode] in message
+    assert str(cache / name) in message and "--weights PATH" in message
+    assert listing(cache) == []
+
+
+def test_wrong_hash_is_refused_and_not_kept(cache, payload, monkeypatch):
+    name = pretrained.FILES["b0"]
+    with Server({f"models/{name}": payload[::-1]}) as server:
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
+        message = one_line_error(lambda: pretrained.resolve("imagenet", "b0"))
+    expected = name.rsplit("-", 1)[1][:8]
+    assert f"sha256 starts {hashlib.sha256(payload[::-1]).hexdigest()[:8]}, not {expected}" in message
+    assert "nothing was kept" in message and listing(cache) == []
+
+
+def test_interrupted_download_leaves_nothing(cache, payload, monkeypatch):
+    """The server closes the connection half-way: the missing bytes are noticed (Content-Length),
+    and neither the file nor a partial one stays."""
+    name = pretrained.FILES["b0"]
+    with Server({f"models/{name}": payload}, mode="truncate") as server:
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
+        message = one_line_error(lambda: pretrained.resolve("imagenet", "b0"))
+    assert "broke off after 150,000 of 300,000 bytes" in message and listing(cache) == []
+
+
+def torchvision_b0():
+    """torchvision's B0 with random weights, BatchNorm statistics that are not the identity and a
+    sharper head, so that the top-5 is not a tie between near-equal probabilities."""
+    torch.manual_seed(0)
+    tv = torchvision.models.efficientnet_b0(weights=None).eval()
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        tv.classifier[1].weight.mul_(300)
+    return tv
+
+
+@pytest.fixture
+def cached_b0(cache, monkeypatch):
+    """torchvision's B0 (random weights) in the cache under the official name, and the mirror
+    pointed at a dead port: any use of the network would fail the test."""
+    tv = torchvision_b0()
+    cache.mkdir(parents=True)
+    torch.save(tv.state_dict(), cache / B0)
+    monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", dead_url())
+    return tv
+
+
+def test_predict_imagenet_equals_torchvision(cached_b0):
+    """predict.py --weights imagenet: ImageNet names, torchvision's eval transform, and the same
+    top-5 and probabilities as torchvision's own model with those weights."""
+    weights = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
+    with torch.no_grad():
+        x = weights.transforms()(Image.open(PHOTO).convert("RGB"))[None]
+        expected = cached_b0(x).softmax(1)[0].topk(5)
+    result = run_script("predict.py", PHOTO, "--weights", "imagenet", "--topk", "5", "--json")
+    got = json.loads(result.stdout)["topk"]
+    assert [t["index"] for t in got] == expected.indices.tolist()
+    assert [t["class"] for t in got] == [weights.meta["categories"][i] for i in expected.indices]
+    difference = max(abs(t["prob"] - p) for t, p in zip(got, expected.values.tolist()))
+    print(f"largest probability difference to torchvision: {difference:.2e}")
+    assert difference < 1e-4 and expected.values[0] > 0.05
+    assert result.stderr == ""  # from the cache: no download, no note
+
+
+def test_train_imagenet_fine_tunes_from_the_cached_file(cached_b0, tmp_path):
+    """train.py --weights imagenet fine-tunes as --weights FILE does: a new classifier with a note,
+    a quarter of the learning rate, and with --freeze-layers the frozen layers still exactly the
+    cached file's after an epoch; the run records the name it was given."""
+    data = copy_digits(tmp_path / "digits", per_class=6)
+    result = run_script("train.py", "--data-path", data, *FAST, "--epochs", "1", "--precise-bn", "0",
+                        "--freeze-layers", "--weights", "imagenet", "--output-dir", tmp_path / "run")
+    assert "has a 1000-class head; a new 3-class classifier is initialised" in result.stdout
+    assert "adamw lr 0.00025" in result.stdout
+    best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)
+    tv = cached_b0.state_dict()
+    assert torch.equal(best["model"]["features.stem_conv.0.weight"], tv["features.0.0.weight"])
+    assert torch.equal(best["model"]["features.7a.block.se.fc1.weight"], tv["features.7.0.block.2.fc1.weight"])
+    assert not torch.equal(best["model"]["features.top.0.weight"], tv["features.8.0.weight"])  # trained
+    assert best["meta"]["args"]["weights"] == "imagenet" and best["meta"]["bn_eps"] == 1e-5
+
+
+def test_script_failure_is_one_line_and_leaves_the_cache_clean(cache, tmp_path, monkeypatch):
+    """The official name with other bytes behind it (a broken mirror): exit 2, one line, no file."""
+    with Server({f"models/{B0}": b"not torchvision's file"}) as server:
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
+        result = run_script("export.py", "--weights", "imagenet", "--format", "pt2", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"downloading {server.url.rstrip('/')}/{B0}")
+    assert len(lines) == 2 and lines[1].startswith("error: ") and "sha256 starts" in lines[1]
+    assert listing(cache) == [] and listing(tmp_path) == ["torch"]
+
+
+# train.py's main under torchrun, with the b0 file renamed to carry the test file's own hash
+TRAIN_WITH_NAME = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import torch, pretrained, train
+    pretrained.FILES["b0"] = {name!r}
+    parser = train.get_args_parser()
+    args = parser.parse_args()
+    train.check_args(parser, args)
+    code = train.main(args, parser)
+    torch.distributed.destroy_process_group()
+    sys.exit(code)
+""")
+
+
+def test_torchrun_downloads_once(cache, tmp_path, monkeypatch):
+    """Two processes under torchrun (--eval-only, the shortest way through train.py's main): rank 0
+    downloads (one request), rank 1 waits, then both load the file and evaluate their share."""
+    buffer = io.BytesIO()
+    torch.save(torchvision.models.efficientnet_b0(weights=None).state_dict(), buffer)
+    content = buffer.getvalue()
+    name = named(content)
+    script = tmp_path / "train_with_name.py"
+    script.write_text(TRAIN_WITH_NAME.format(root=ROOT, name=name))
+    data = copy_digits(tmp_path / "digits", per_class=4)
+    with Server({f"models/{name}": content}) as server:
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "--data-path", data, "--output-dir", str(tmp_path / "run"), *FAST, "--eval-only",
+               "--weights", "imagenet"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert server.requests == 1 and result.stderr.count("downloading ") == 1
+    assert result.stdout.count("a new 3-class classifier") == 1  # rank 0 says it
+    assert "predictions.csv: all 3" in result.stdout  # 3 validation images, gathered from both ranks
+    assert listing(cache) == [name] and (cache / name).read_bytes() == content
