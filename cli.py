@@ -3,6 +3,7 @@ suggested for a typo), the errors that end a script with one line instead of a t
 warnings and file or class names are printed."""
 import argparse
 import difflib
+import os
 import sys
 import warnings
 
@@ -20,6 +21,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# flags of the tutorial's scripts that these scripts answer otherwise
+TUTORIAL_FLAGS = {"--num-classes": "the class count comes from the class folders under --data-path; no flag needed"}
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """The scripts' parser: no abbreviations (--epoch is a typo, not --epochs), and a close flag
     name suggested for a flag it does not know (--img_size: did you mean --img-size?)."""
@@ -34,7 +39,9 @@ class ArgumentParser(argparse.ArgumentParser):
                 if word.startswith("--"):
                     typed = word.split("=")[0].replace("_", "-").lower()
                     close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.6)
-                    if close:
+                    if typed in TUTORIAL_FLAGS:
+                        message += f" ({word.split('=')[0]}: {TUTORIAL_FLAGS[typed]})"
+                    elif close:
                         message += f" (did you mean {close[0]}?)"
         super().error(message)
 
@@ -72,3 +79,15 @@ def speak_any_file_name():
 def printable(name):
     """A file or class name as text a plot can draw: bytes that are not UTF-8 as \\xNN escapes."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def progress_bars():
+    """True where a progress bar can be drawn: stderr is a terminal that reports a width. Some
+    terminals report 0 columns (`script` without a tty, some containers); tqdm then draws empty
+    bars and nothing readable appears for minutes, so they get the plain log lines instead."""
+    if not sys.stderr.isatty():
+        return False
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except OSError:
+        return False

@@ -83,6 +83,15 @@ def eval_transform(info, variant_name):
     return build_transform(v, v.eval_crop, train=False, eval_sizes=(v.eval_resize, v.eval_crop)), v.eval_resize
 
 
+def averaged_weights(ckpt):
+    """The EMA weights of a last.pth (what its validation scored and best.pth saves), or None: its
+    "model" holds the raw training weights, which predict worse on small data."""
+    ema = ckpt.get("ema") if isinstance(ckpt, dict) and "optimizer" in ckpt else None
+    if not isinstance(ema, dict):
+        return None
+    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")} or None
+
+
 def load_model(weights, model_name=None, device=torch.device("cpu")):
     """(model ready for inference, what the file says of itself (read_weights' info: variant,
     class count, and for this repo's checkpoints classes and preprocessing), eval transform, resize).
@@ -91,7 +100,10 @@ def load_model(weights, model_name=None, device=torch.device("cpu")):
     if weights.endswith((".pt2", ".onnx")):
         return load_exported(weights, device)
     ckpt = checkpoint.load_checkpoint(weights)  # opened once: read_weights and create_model take the loaded file
+    if ema := averaged_weights(ckpt):
+        ckpt = dict(ckpt, model=ema)
     _, info = read_weights(ckpt, where=weights)
+    info["ema"] = ema is not None
     if model_name is not None and model_name != info["variant"]:
         raise WeightsError(f"{weights} holds EfficientNet-{info['variant'].upper()} weights, not "
                            f"{model_name.upper()}: use --model {info['variant']} or leave --model out")

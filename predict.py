@@ -172,10 +172,11 @@ def write_cams(model, dataset, device, names, topk, target, folder):
                                                align_corners=False)[0, 0].numpy()
         probs = logits.float().softmax(0)
         top = probs.topk(topk)
-        fig, (left, right) = plt.subplots(1, 2, figsize=(7.2, 4.0))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(7.8, 4.0))
         left.imshow(image)
         right.imshow(image)
-        right.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        shown = right.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        fig.colorbar(shown, ax=right, fraction=0.046, pad=0.04, label="evidence for the class (1 = this image's most)")
         for ax in (left, right):
             ax.axis("off")
         left.set_title("\n".join(f"{cli.printable(names[c])[:28]} {p:.3f}"
@@ -225,6 +226,9 @@ def main(args):
     args.weights = pretrained.resolve(args.weights, args.model)  # a name (imagenet): the file in torch's cache
     model, info, transform, resize = model_files.load_model(args.weights, args.model, device)
     names = model_files.class_names(info, args.weights, args.class_indices, info["num_classes"])
+    if info.get("ema"):
+        print(f"note: {args.weights} is a last.pth: predicting with its averaged (EMA) weights, the ones its "
+              "validation scored", file=sys.stderr)
     topk = min(args.topk, len(names))
     paths, missing = expand_paths(args.paths)
     dataset = ImagePaths(paths, transform, draft_size=transforms.eval_draft_size(resize))
@@ -300,7 +304,7 @@ def report(results, tally, args, topk, csv_file, total):
     """Each result to the terminal (or --json) and to the open --csv file as it comes, with a
     progress bar and the time left on a terminal when there are many images."""
     bar = tqdm(total=total, unit="img", desc="predict", leave=False, dynamic_ncols=True,
-               disable=None if total > args.batch_size else True)
+               disable=not (total > args.batch_size and cli.progress_bars()))
     if csv_file is not None:
         csv_file.write(csv_header(topk).encode("utf-8"))
     for result in results:

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import WeightsError
+from cli import progress_bars
 from outputs import atomic_write
 
 # torchvision's IMAGENET1K_V1 file of each variant; the hash after the last '-' is the start of its sha256
@@ -77,6 +78,10 @@ def resolve(weights, model=None, on_rank0=None):
     variant = variant_of(weights)
     if variant is None:
         if not os.path.exists(weights):
+            official = next((v for v, f in FILES.items() if f == os.path.basename(weights)), None)
+            if official:  # the README's table of manual downloads, not downloaded yet
+                raise WeightsError(f"weights file not found: {weights}; it is torchvision's ImageNet file for "
+                                   f"{official}: --weights imagenet --model {official} downloads it (or see README)")
             raise WeightsError(f"weights file not found: {weights}; check the --weights path, or give one of the "
                                f"names of ImageNet weights: {NAMES}")
         return weights
@@ -169,7 +174,7 @@ class Progress:
         size = f" ({total / 1e6:.1f} MB)" if total else ""
         print(f"downloading {url} to {path}{size}", file=sys.stderr, flush=True)
         self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path), leave=False,
-                        dynamic_ncols=True, disable=not sys.stderr.isatty())
+                        dynamic_ncols=True, disable=not progress_bars())
 
     def __enter__(self):
         return self

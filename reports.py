@@ -97,8 +97,9 @@ def write_mistakes(folder, predictions, split, title, limit=48):
     wrong = sorted((i for i in range(len(paths)) if true[i] != predicted[i]), key=lambda i: -prob[i])
     if not wrong:
         return f"no mistakes: all {len(paths)} validation images right (predictions.csv lists them)"
-    tiles = [(paths[i], f"{printable(classes[true[i]])[:14]} -> {printable(classes[predicted[i]])[:14]} "
-                        f"({prob[i]:.2f})") for i in wrong[:limit]]
+    # true and predicted class on lines of their own: two long names on one line ran into the next tile
+    tiles = [(paths[i], f"{printable(classes[true[i]])[:22]}\n-> {printable(classes[predicted[i]])[:18]} ({prob[i]:.2f})")
+             for i in wrong[:limit]]
     plot_tiles(tiles, os.path.join(folder, "mistakes.png"),
                f"{title}: {len(wrong)} of {len(paths)} wrong, most confident first (true -> predicted (prob))")
     shown = f"the {len(tiles)} most confident of {len(wrong)}" if len(tiles) < len(wrong) else f"all {len(wrong)}"
@@ -123,21 +124,27 @@ def save_figure(fig, path):
 
 
 def plot_curves(history, path, num_classes):
-    """Loss, accuracy and learning rate per epoch, the best epoch marked; top-5 only where it can
-    be wrong (more than 5 classes)."""
+    """Loss, accuracy and learning rate per epoch, the best epoch marked; top-5 only where it says
+    something (more than 5 classes, and not 1.0 throughout); the accuracy axis spans the values
+    drawn, so the epochs that matter are not squashed against the top."""
     plt = pyplot()
     epochs = [row["epoch"] for row in history]
     best = max(history, key=lambda r: r["val_top1"])  # the first of equals, as best.pth keeps it
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.9))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
-    ax_loss.set(title="loss", xlabel="epoch")
-    ax_acc.plot(epochs, [r["val_top1"] for r in history], "o-", label="top-1")
-    if num_classes > 5:
+    # the training loss is on augmented crops and label-smoothed targets, so it can sit above the
+    # validation loss without anything being wrong; the title says so where people look
+    ax_loss.set(title="loss (training: augmented, label-smoothed)", xlabel="epoch")
+    drawn = [r["val_top1"] for r in history]
+    ax_acc.plot(epochs, drawn, "o-", label="top-1")
+    if num_classes > 5 and min(r["val_top5"] for r in history) < 0.995:
         ax_acc.plot(epochs, [r["val_top5"] for r in history], "o-", label="top-5")
+        drawn += [r["val_top5"] for r in history]
     ax_acc.plot([best["epoch"]], [best["val_top1"]], "*", color="crimson", markersize=14,
                 label=f"best: epoch {best['epoch']}, {best['val_top1']:.3f}")
-    ax_acc.set(title="validation accuracy", xlabel="epoch", ylim=(0, 1.02))
+    low = max(0.0, math.floor((min(drawn) - 0.02) * 20) / 20)  # down to a multiple of 0.05
+    ax_acc.set(title="validation accuracy", xlabel="epoch", ylim=(low, 1.005 + (1 - low) * 0.02))
     ax_lr.plot(epochs, [r["lr"] for r in history], "o-")
     ax_lr.set(title="learning rate (end of epoch)", xlabel="epoch")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
@@ -155,7 +162,8 @@ def plot_tiles(tiles, path, title=None):
     plt = pyplot()
     cols = min(8, len(tiles))
     rows = math.ceil(len(tiles) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows + 0.4), squeeze=False)
+    lines = max(caption.count("\n") for _, caption in tiles) + 2  # the caption's and the file name's
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, (1.82 + 0.14 * lines) * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, caption) in zip(axes.flat, tiles):

@@ -18,6 +18,28 @@ import torch.distributed as dist
 from cli import UsageError
 
 
+def check_torchvision():
+    """Import torchvision, or say in one line that it does not fit this torch. A torchvision built
+    for another torch release (or for CUDA beside a CPU-only torch) fails at import with "operator
+    torchvision::nms does not exist", which says nothing about the cause or the fix."""
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError, AttributeError, OSError) as e:
+        from importlib import metadata
+        try:
+            vision = metadata.version("torchvision")
+        except metadata.PackageNotFoundError:
+            raise UsageError("torchvision is not installed: pip install -r requirements.txt") from None
+        release = torch.__version__.split("+")[0]
+        major, minor = (int(part) for part in release.split(".")[:2])
+        matching = f"0.{minor + 15}.*" if major == 2 else "the matching release"  # torch 2.N ships with 0.(N+15)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"torchvision {vision} does not work with torch {torch.__version__} ({reason}): install "
+                         f"both from one index, e.g. pip install --force-reinstall torch=={release} "
+                         f"\"torchvision=={matching}\" --index-url https://download.pytorch.org/whl/cpu (or the "
+                         "index of your CUDA version)") from None
+
+
 def choose_device(name, local_rank=0):
     """--device: auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps; under torchrun the local rank's GPU."""
     if name == "auto":

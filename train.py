@@ -20,6 +20,7 @@ import fcntl  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from collections import namedtuple  # noqa: E402
@@ -226,9 +227,10 @@ def make_run_dir(args):
 
 def lock_run_dir(folder):
     """Hold an exclusive lock on the run folder for as long as this process lives (the kernel drops
-    it when the process ends, however it ends), so two processes never write one run."""
+    it when the process ends, however it ends), so two processes never write one run. The lock is
+    on the folder itself, so no lock file is left in a finished run."""
     try:
-        fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise cli.UsageError(f"another train.py is writing to {folder} right now; wait for it to end "
@@ -456,6 +458,7 @@ def start_outputs(args, ckpt, split, save_first):
 
 
 def main(args, parser):
+    runtime.check_torchvision()  # augmentation needs it: a mismatched install fails here, before any folder is made
     rank, world, local_rank = runtime.setup_distributed()
     ckpt = None
     if args.resume is not None:
@@ -590,6 +593,7 @@ def finish(args, progress, split):
             runtime.print0(reports.write_mistakes(args.output_dir, progress["best_predictions"], split,
                                               f"validation, epoch {best_epoch} (best.pth)"))
     runtime.print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
+    runtime.print0(f"predict with: python predict.py IMAGES --weights {shlex.quote(out('best.pth'))}")
     problem = confusion is not None and reports.learning_problem(confusion, classes)
     if problem:
         runtime.print0(f"warning: the model has not learned to tell the classes apart: {problem}. Try more "

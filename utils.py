@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from cli import DataError
+from cli import DataError, progress_bars
 from my_dataset import IndexedSubset, shape_problem
 from runtime import all_reduce_sum, amp_dtype, gather_objects, is_distributed, world_size
 
@@ -123,7 +123,9 @@ def scan_classes(root):
     the data, or a link and the file itself) counts once, for the first path, and the others are
     named."""
     if not os.path.exists(root):
-        raise DataError(f"data path {root} does not exist: pass --data-path pointing at a folder "
+        where = " (data/README.md says where to get it)" if os.path.basename(os.path.normpath(root)) == "flower_photos" \
+            else ""
+        raise DataError(f"data path {root} does not exist{where}: pass --data-path pointing at a folder "
                         "with one sub-folder of images per class")
     if not os.path.isdir(root):
         raise DataError(f"data path {root} is a file, not a folder: pass the folder that holds one "
@@ -342,7 +344,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
     autocast, grad_accum = amp_dtype(args.amp, device), args.grad_accum
     loss_sum, seen = 0.0, 0  # plain floats: the loss is on the host already for the NaN check
     start = time.perf_counter()
-    terminal = show and sys.stderr.isatty()  # a progress bar there; plain lines in a log file or a pipe
+    terminal = show and progress_bars()  # a progress bar there; plain lines in a log file or a pipe
     next_line = start + args.log_interval
     bar = tqdm(loader, desc=f"epoch {epoch} train", disable=not terminal, leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
@@ -416,7 +418,8 @@ def precise_bn(model, loader, device, channels_last=False, show=True):
         m.reset_running_stats()
         m.momentum = None  # cumulative average: every batch counts the same
         m.train()
-    for images, _ in tqdm(loader, desc="BatchNorm", disable=None if show else True, leave=False, dynamic_ncols=True):
+    for images, _ in tqdm(loader, desc="re-estimating BatchNorm statistics", disable=not (show and progress_bars()),
+                          leave=False, dynamic_ncols=True):
         if len(images) > 1:
             model(to_device(images, images, device, channels_last)[0])
     for m, (momentum, tracked) in zip(norms, momenta):
@@ -440,7 +443,7 @@ def evaluate(model, loader, device, num_classes, channels_last=False, show=True,
     confusion = torch.zeros(n * n, dtype=torch.int64, device=device)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, top-5 hits
     records = []
-    for images, labels, *index in tqdm(loader, desc="validate", disable=None if show else True, leave=False,
+    for images, labels, *index in tqdm(loader, desc="validate", disable=not (show and progress_bars()), leave=False,
                                        dynamic_ncols=True):
         if len(images) == 0:
             continue
