@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -46,6 +47,19 @@ def repository_left_as_it_was():
     yield
     after = repository_state()
     assert after == before, f"the tests changed the repository:\n{after}\nwas:\n{before}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_inside_pytests_folder(tmp_path_factory):
+    """What the scripts and libraries put in the temporary folder (torchrun's rendezvous files,
+    torch.compile's cache, multiprocessing's sockets) goes under pytest's own folder for this run,
+    which pytest removes after a passing run (pytest.ini): the suite leaves nothing behind."""
+    folder = tmp_path_factory.mktemp("tmp")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(folder))
+    patch.setattr(tempfile, "tempdir", None)  # tempfile reads TMPDIR again
+    yield
+    patch.undo()
 
 
 @pytest.fixture
