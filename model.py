@@ -264,7 +264,8 @@ class EfficientNet(nn.Module):
 def _bn_stats_frozen(module):
     """BatchNorm as usual, but its running statistics left as they are: a checkpointed block's
     recomputation must not count the same batch twice."""
-    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    # _BatchNorm: BatchNorm2d and SyncBatchNorm (train.py --sync-bn), which is not a BatchNorm2d
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
     for m in bns:
         m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
@@ -418,8 +419,11 @@ def create_model(name="b0", num_classes=1000, weights=None, verbose=True, **opti
 
 # ---------------------------------------------------------------------------------------------
 # Leaner training: the same results as plain autograd with less kept for backward.
-# Used by ConvBNAct and SqueezeExcite when `lean` is on (the default); SyncBatchNorm, frozen
-# BatchNorm and fused models take the plain path.
+# Used by ConvBNAct and SqueezeExcite when `lean` is on (the default); frozen BatchNorm and fused
+# models take the plain path, and so does SyncBatchNorm: BatchNormSiLU normalises with each
+# process's own batch statistics, and only SyncBatchNorm's own code synchronises them. So with
+# train.py --sync-bn (every BatchNorm becomes a SyncBatchNorm) BatchNormSiLU is off and its memory
+# saving with it; SigmoidGate still applies.
 # ---------------------------------------------------------------------------------------------
 
 class BatchNormSiLU(torch.autograd.Function):

@@ -349,6 +349,21 @@ def test_gradient_checkpointing_keeps_batchnorm_statistics():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_gradient_checkpointing_counts_sync_batchnorm_statistics_once():
+    """train.py --sync-bn --grad-checkpointing: SyncBatchNorm is not a BatchNorm2d (both derive from
+    _BatchNorm), and each layer's statistics must still be counted once per step, not again by the
+    recomputation. Without a process group SyncBatchNorm normalises as BatchNorm does (a gloo group
+    would not help: SyncBatchNorm refuses CPU tensors once one exists), so this runs on a CPU."""
+    plain, ckpt = (_without_randomness(nn.SyncBatchNorm.convert_sync_batchnorm(m)) for m in _checkpointing_pair("b0"))
+    assert isinstance(ckpt.features.stem_conv[1], nn.SyncBatchNorm)
+    x, y = image(), torch.tensor([1, 3])
+    _train_step(plain, x, y, seed=0)
+    _train_step(ckpt, x, y, seed=0)
+    assert ckpt.features.stem_conv[1].num_batches_tracked.item() == 1
+    for (key, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def _without_randomness(model):
     for m in model.modules():
         if isinstance(m, (M.DropPath, StochasticDepth, nn.Dropout)):  # ours and torchvision's
