@@ -251,10 +251,15 @@ class EfficientNet(nn.Module):
 
     def forward(self, x):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            # recompute each block's activations in backward: less memory, same gradients
+            # recompute each block's activations in backward: less memory, same gradients. The
+            # recomputation must not count the batch in the BatchNorm statistics again. Eager, a
+            # context_fn freezes them while it runs. Compiled, none is needed (and Dynamo refuses
+            # any but selective checkpointing's): AOTAutograd applies the buffer updates once, in
+            # the forward graph, and backward recomputes only the pure operations
             for block in self.features:
-                x = checkpoint(block, x, use_reentrant=False,
-                               context_fn=lambda b=block: (contextlib.nullcontext(), _bn_stats_frozen(b)))
+                frozen = {} if torch.compiler.is_compiling() else {
+                    "context_fn": lambda b=block: (contextlib.nullcontext(), _bn_stats_frozen(b))}
+                x = checkpoint(block, x, use_reentrant=False, **frozen)
         else:
             x = self.features(x)
         return self.classifier(torch.flatten(self.avgpool(x), 1))

@@ -364,6 +364,25 @@ def test_gradient_checkpointing_counts_sync_batchnorm_statistics_once():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_compiled_gradient_checkpointing_trains_and_counts_statistics_once():
+    """train.py --compile --grad-checkpointing: a compiled, checkpointed B0 (lean path on) takes a
+    training step with the gradients and BN statistics of an eager step without checkpointing.
+    The aot_eager backend runs what decides both, Dynamo (which refused checkpoint's context_fn)
+    and AOTAutograd (which places the buffer updates and the recomputation), in ~30 s on a CPU;
+    the default backend adds only code generation, and takes minutes here."""
+    plain, ckpt = (_without_randomness(m) for m in _checkpointing_pair("b0"))
+    x, y = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 3])
+    _, grads = _train_step(plain, x, y, seed=0)
+    torch._dynamo.reset()
+    F.cross_entropy(torch.compile(ckpt.train(), backend="aot_eager")(x), y).backward()
+    scale = max(g.abs().max() for g in grads.values())
+    for key, p in ckpt.named_parameters():
+        torch.testing.assert_close(p.grad, grads[key], rtol=1e-4, atol=1e-5 * scale, msg=key)
+    assert ckpt.features.stem_conv[1].num_batches_tracked.item() == 1
+    for (key, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def _without_randomness(model):
     for m in model.modules():
         if isinstance(m, (M.DropPath, StochasticDepth, nn.Dropout)):  # ours and torchvision's
