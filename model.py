@@ -27,6 +27,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import WeightsError, load_checkpoint, read_meta
@@ -448,6 +449,7 @@ class BatchNormSiLU(torch.autograd.Function):
         return F.silu(y, inplace=True)
 
     @staticmethod
+    @once_differentiable  # mean and invstd are saved without their graph: a second derivative would be wrong
     def backward(ctx, grad):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -483,6 +485,7 @@ class SigmoidGate(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # gate is saved without its graph: a second derivative would be wrong
     def backward(ctx, grad):
         out, gate = ctx.saved_tensors
         return grad * gate, (grad * out).sum((2, 3), keepdim=True) * (1 - gate)

@@ -426,6 +426,34 @@ def test_lean_functions_pass_gradcheck():
     assert torch.autograd.gradcheck(M.SigmoidGate.apply, (x, z))
 
 
+def _lean_inputs(dtype=torch.float64, shape=(3, 4, 5, 5)):
+    """Inputs for BatchNormSiLU: x (N, C, H, W) of `dtype` in channels-last, and weight, bias,
+    running mean and variance in float64 for a float64 x, else in float32 as under AMP."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).mul(2).add(1).to(dtype).contiguous(memory_format=torch.channels_last)
+    c, p = shape[1], torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = (torch.rand(c, generator=g) + 0.5).to(p), torch.randn(c, generator=g).to(p)
+    return (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
+            torch.zeros(c, dtype=p), torch.ones(c, dtype=p))
+
+
+@pytest.mark.parametrize("function", ["BatchNormSiLU", "SigmoidGate"])
+def test_lean_functions_refuse_double_backward(function):
+    """The hand-written backwards are not differentiable themselves (they use statistics and gates
+    saved without their graph), so a second derivative through them is an error, never a wrong
+    number: create_graph=True works, differentiating its result raises (autograd.grad on those
+    inputs raises too, but only to say that they are not in the graph)."""
+    x, weight, bias, *stats = _lean_inputs()
+    if function == "BatchNormSiLU":
+        inputs, out = (x, weight, bias), M.BatchNormSiLU.apply(x, weight, bias, *stats, 0.1, 1e-3)
+    else:
+        z = torch.randn(3, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+        inputs, out = (x, z), M.SigmoidGate.apply(x, z)
+    first = torch.autograd.grad(out.pow(2).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        sum(g.sum() for g in first).backward()
+
+
 def _lean_pair(seed=9):
     """The same randomised B0 twice: with the lean Functions (the default) and with plain autograd."""
     lean = _without_randomness(randomise(efficientnet("b0"), seed=seed))
