@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint as real_checkpoint
 from torchvision.ops import StochasticDepth
 
@@ -454,6 +455,36 @@ def test_lean_functions_refuse_double_backward(function):
         sum(g.sum() for g in first).backward()
 
 
+class OutputsRecorded(TorchDispatchMode):
+    """Records (op, dtype, numel) of every tensor each aten op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((str(func), t.dtype, t.numel()))
+        return result
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_lean_backward_makes_no_fp32_copy_of_a_half_precision_activation(dtype):
+    """Under AMP a BN input is bf16 or fp16 and its statistics fp32. BatchNormSiLU's backward
+    recomputes the BN output; made from fp32 scale and shift it would come out as an fp32 tensor
+    as large as the activation, twice its size, in every layer's backward: the memory the lean
+    path is there to save. Every activation-sized tensor of the backward is in x's dtype."""
+    x, weight, bias, *stats = _lean_inputs(dtype, shape=(4, 16, 8, 8))
+    out = M.BatchNormSiLU.apply(x, weight, bias, *stats, 0.1, 1e-3)
+    with OutputsRecorded() as recorded:
+        out.backward(torch.ones_like(out))
+    assert x.grad.dtype == dtype and weight.grad.dtype == torch.float32
+    large = [(op, d) for op, d, n in recorded.outputs if n >= x.numel()]
+    assert large and all(d == dtype for _, d in large), large
+
+
 def _lean_pair(seed=9):
     """The same randomised B0 twice: with the lean Functions (the default) and with plain autograd."""
     lean = _without_randomness(randomise(efficientnet("b0"), seed=seed))
@@ -482,12 +513,15 @@ def test_lean_switch_off_uses_plain_autograd_and_keeps_more():
     assert saved_for_backward(lean, x) < 0.7 * saved_for_backward(plain, x)
 
 
-def test_lean_matches_plain_under_bf16_autocast():
-    """Under bf16 autocast (train.py's --amp bf16, the default on AMX CPUs and GPUs) the lean path
-    gives the loss and gradients that plain autograd gives, within bf16 precision: the two are
-    closer to each other than either is to fp32, and lean is no further from fp32 than plain."""
-    lean, plain = _lean_pair()
-    x, y = image(), torch.tensor([1, 3])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_lean_matches_plain_under_bf16_autocast(channels_last):
+    """Under bf16 autocast (train.py's --amp bf16, the default on GPUs that have it; channels-last
+    is train.py's default layout) the lean path gives the loss, gradients and BN statistics that
+    plain autograd gives, within bf16 precision: the two are closer to each other than either is
+    to fp32, and lean is no further from fp32 than plain."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    lean, plain = (m.to(memory_format=fmt) for m in _lean_pair())
+    x, y = image().contiguous(memory_format=fmt), torch.tensor([1, 3])
     flat = lambda grads: torch.cat([g.flatten() for _, g in sorted(grads.items())])  # noqa: E731
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     reference = flat(_train_step(plain, x, y, seed=0)[1])  # fp32
