@@ -27,6 +27,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import WeightsError, load_checkpoint, read_meta
@@ -251,10 +252,15 @@ class EfficientNet(nn.Module):
 
     def forward(self, x):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            # recompute each block's activations in backward: less memory, same gradients
+            # recompute each block's activations in backward: less memory, same gradients. The
+            # recomputation must not count the batch in the BatchNorm statistics again. Eager, a
+            # context_fn freezes them while it runs. Compiled, none is needed (and Dynamo refuses
+            # any but selective checkpointing's): AOTAutograd applies the buffer updates once, in
+            # the forward graph, and backward recomputes only the pure operations
             for block in self.features:
-                x = checkpoint(block, x, use_reentrant=False,
-                               context_fn=lambda b=block: (contextlib.nullcontext(), _bn_stats_frozen(b)))
+                frozen = {} if torch.compiler.is_compiling() else {
+                    "context_fn": lambda b=block: (contextlib.nullcontext(), _bn_stats_frozen(b))}
+                x = checkpoint(block, x, use_reentrant=False, **frozen)
         else:
             x = self.features(x)
         return self.classifier(torch.flatten(self.avgpool(x), 1))
@@ -264,7 +270,8 @@ class EfficientNet(nn.Module):
 def _bn_stats_frozen(module):
     """BatchNorm as usual, but its running statistics left as they are: a checkpointed block's
     recomputation must not count the same batch twice."""
-    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    # _BatchNorm: BatchNorm2d and SyncBatchNorm (train.py --sync-bn), which is not a BatchNorm2d
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
     for m in bns:
         m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
@@ -418,8 +425,11 @@ def create_model(name="b0", num_classes=1000, weights=None, verbose=True, **opti
 
 # ---------------------------------------------------------------------------------------------
 # Leaner training: the same results as plain autograd with less kept for backward.
-# Used by ConvBNAct and SqueezeExcite when `lean` is on (the default); SyncBatchNorm, frozen
-# BatchNorm and fused models take the plain path.
+# Used by ConvBNAct and SqueezeExcite when `lean` is on (the default); frozen BatchNorm and fused
+# models take the plain path, and so does SyncBatchNorm: BatchNormSiLU normalises with each
+# process's own batch statistics, and only SyncBatchNorm's own code synchronises them. So with
+# train.py --sync-bn (every BatchNorm becomes a SyncBatchNorm) BatchNormSiLU is off and its memory
+# saving with it; SigmoidGate still applies.
 # ---------------------------------------------------------------------------------------------
 
 class BatchNormSiLU(torch.autograd.Function):
@@ -439,11 +449,14 @@ class BatchNormSiLU(torch.autograd.Function):
         return F.silu(y, inplace=True)
 
     @staticmethod
+    @once_differentiable  # mean and invstd are saved without their graph: a second derivative would be wrong
     def backward(ctx, grad):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        scale = (invstd * weight).view(shape)
-        y = torch.addcmul(bias.view(shape) - mean.view(shape) * scale, x, scale).to(x.dtype)  # the BN output
+        # the BN output again, by the inference kernel given the batch's statistics (invstd holds
+        # eps already): it computes in fp32 inside and writes x's dtype, as the forward did, so
+        # under AMP y is bf16/fp16 and the forward's y to within an ulp. fp32 arithmetic with the
+        # fp32 statistics instead would make an fp32 copy of x, twice its size, in every layer
+        y = F.batch_norm(x, mean, invstd.pow(-2), weight, bias, training=False, eps=0.0)
         grad_y = torch.ops.aten.silu_backward(grad, y)
         del y
         grads = torch.ops.aten.native_batch_norm_backward(
@@ -474,6 +487,7 @@ class SigmoidGate(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # gate is saved without its graph: a second derivative would be wrong
     def backward(ctx, grad):
         out, gate = ctx.saved_tensors
         return grad * gate, (grad * out).sum((2, 3), keepdim=True) * (1 - gate)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint as real_checkpoint
 from torchvision.ops import StochasticDepth
 
@@ -349,6 +350,40 @@ def test_gradient_checkpointing_keeps_batchnorm_statistics():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_gradient_checkpointing_counts_sync_batchnorm_statistics_once():
+    """train.py --sync-bn --grad-checkpointing: SyncBatchNorm is not a BatchNorm2d (both derive from
+    _BatchNorm), and each layer's statistics must still be counted once per step, not again by the
+    recomputation. Without a process group SyncBatchNorm normalises as BatchNorm does (a gloo group
+    would not help: SyncBatchNorm refuses CPU tensors once one exists), so this runs on a CPU."""
+    plain, ckpt = (_without_randomness(nn.SyncBatchNorm.convert_sync_batchnorm(m)) for m in _checkpointing_pair("b0"))
+    assert isinstance(ckpt.features.stem_conv[1], nn.SyncBatchNorm)
+    x, y = image(), torch.tensor([1, 3])
+    _train_step(plain, x, y, seed=0)
+    _train_step(ckpt, x, y, seed=0)
+    assert ckpt.features.stem_conv[1].num_batches_tracked.item() == 1
+    for (key, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_compiled_gradient_checkpointing_trains_and_counts_statistics_once():
+    """train.py --compile --grad-checkpointing: a compiled, checkpointed B0 (lean path on) takes a
+    training step with the gradients and BN statistics of an eager step without checkpointing.
+    The aot_eager backend runs what decides both, Dynamo (which refused checkpoint's context_fn)
+    and AOTAutograd (which places the buffer updates and the recomputation), in ~30 s on a CPU;
+    the default backend adds only code generation, and takes minutes here."""
+    plain, ckpt = (_without_randomness(m) for m in _checkpointing_pair("b0"))
+    x, y = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 3])
+    _, grads = _train_step(plain, x, y, seed=0)
+    torch._dynamo.reset()
+    F.cross_entropy(torch.compile(ckpt.train(), backend="aot_eager")(x), y).backward()
+    scale = max(g.abs().max() for g in grads.values())
+    for key, p in ckpt.named_parameters():
+        torch.testing.assert_close(p.grad, grads[key], rtol=1e-4, atol=1e-5 * scale, msg=key)
+    assert ckpt.features.stem_conv[1].num_batches_tracked.item() == 1
+    for (key, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def _without_randomness(model):
     for m in model.modules():
         if isinstance(m, (M.DropPath, StochasticDepth, nn.Dropout)):  # ours and torchvision's
@@ -392,6 +427,64 @@ def test_lean_functions_pass_gradcheck():
     assert torch.autograd.gradcheck(M.SigmoidGate.apply, (x, z))
 
 
+def _lean_inputs(dtype=torch.float64, shape=(3, 4, 5, 5)):
+    """Inputs for BatchNormSiLU: x (N, C, H, W) of `dtype` in channels-last, and weight, bias,
+    running mean and variance in float64 for a float64 x, else in float32 as under AMP."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).mul(2).add(1).to(dtype).contiguous(memory_format=torch.channels_last)
+    c, p = shape[1], torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = (torch.rand(c, generator=g) + 0.5).to(p), torch.randn(c, generator=g).to(p)
+    return (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
+            torch.zeros(c, dtype=p), torch.ones(c, dtype=p))
+
+
+@pytest.mark.parametrize("function", ["BatchNormSiLU", "SigmoidGate"])
+def test_lean_functions_refuse_double_backward(function):
+    """The hand-written backwards are not differentiable themselves (they use statistics and gates
+    saved without their graph), so a second derivative through them is an error, never a wrong
+    number: create_graph=True works, differentiating its result raises (autograd.grad on those
+    inputs raises too, but only to say that they are not in the graph)."""
+    x, weight, bias, *stats = _lean_inputs()
+    if function == "BatchNormSiLU":
+        inputs, out = (x, weight, bias), M.BatchNormSiLU.apply(x, weight, bias, *stats, 0.1, 1e-3)
+    else:
+        z = torch.randn(3, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+        inputs, out = (x, z), M.SigmoidGate.apply(x, z)
+    first = torch.autograd.grad(out.pow(2).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        sum(g.sum() for g in first).backward()
+
+
+class OutputsRecorded(TorchDispatchMode):
+    """Records (op, dtype, numel) of every tensor each aten op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((str(func), t.dtype, t.numel()))
+        return result
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_lean_backward_makes_no_fp32_copy_of_a_half_precision_activation(dtype):
+    """Under AMP a BN input is bf16 or fp16 and its statistics fp32. BatchNormSiLU's backward
+    recomputes the BN output; made from fp32 scale and shift it would come out as an fp32 tensor
+    as large as the activation, twice its size, in every layer's backward: the memory the lean
+    path is there to save. Every activation-sized tensor of the backward is in x's dtype."""
+    x, weight, bias, *stats = _lean_inputs(dtype, shape=(4, 16, 8, 8))
+    out = M.BatchNormSiLU.apply(x, weight, bias, *stats, 0.1, 1e-3)
+    with OutputsRecorded() as recorded:
+        out.backward(torch.ones_like(out))
+    assert x.grad.dtype == dtype and weight.grad.dtype == torch.float32
+    large = [(op, d) for op, d, n in recorded.outputs if n >= x.numel()]
+    assert large and all(d == dtype for _, d in large), large
+
+
 def _lean_pair(seed=9):
     """The same randomised B0 twice: with the lean Functions (the default) and with plain autograd."""
     lean = _without_randomness(randomise(efficientnet("b0"), seed=seed))
@@ -420,12 +513,15 @@ def test_lean_switch_off_uses_plain_autograd_and_keeps_more():
     assert saved_for_backward(lean, x) < 0.7 * saved_for_backward(plain, x)
 
 
-def test_lean_matches_plain_under_bf16_autocast():
-    """Under bf16 autocast (train.py's --amp bf16, the default on AMX CPUs and GPUs) the lean path
-    gives the loss and gradients that plain autograd gives, within bf16 precision: the two are
-    closer to each other than either is to fp32, and lean is no further from fp32 than plain."""
-    lean, plain = _lean_pair()
-    x, y = image(), torch.tensor([1, 3])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_lean_matches_plain_under_bf16_autocast(channels_last):
+    """Under bf16 autocast (train.py's --amp bf16, the default on GPUs that have it; channels-last
+    is train.py's default layout) the lean path gives the loss, gradients and BN statistics that
+    plain autograd gives, within bf16 precision: the two are closer to each other than either is
+    to fp32, and lean is no further from fp32 than plain."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    lean, plain = (m.to(memory_format=fmt) for m in _lean_pair())
+    x, y = image().contiguous(memory_format=fmt), torch.tensor([1, 3])
     flat = lambda grads: torch.cat([g.flatten() for _, g in sorted(grads.items())])  # noqa: E731
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     reference = flat(_train_step(plain, x, y, seed=0)[1])  # fp32
