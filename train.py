@@ -130,7 +130,8 @@ def get_args_parser():
                           help="keep less for backward (BatchNormSiLU and SigmoidGate in model.py): 0.62x the "
                                "activation memory, same gradients; --no-lean-activations uses plain autograd")
     hardware.add_argument("--sync-bn", action="store_true",
-                          help="synchronise BatchNorm statistics across GPUs (torchrun)")
+                          help="synchronise BatchNorm statistics across GPUs under torchrun; BatchNorm layers then "
+                               "take plain autograd's path, so --lean-activations saves no memory on them")
 
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", default=None,

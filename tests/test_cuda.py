@@ -224,7 +224,7 @@ def test_benchmark_runs_every_row_on_cuda():
 def test_auto_amp_is_bf16_from_ampere_on_else_fp16():
     """--amp auto on a GPU: bf16 where it runs natively (compute capability 8.0 and later), fp16
     before that."""
-    from utils import amp_dtype  # utils.py's runtime part may move to runtime.py
+    from runtime import amp_dtype
     expected = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
     assert amp_dtype("auto", torch.device("cuda")) == expected
 
