@@ -59,8 +59,8 @@ def get_args_parser():
                    help="also write a class-activation map (Grad-CAM) per image into this folder, as PNGs")
     p.add_argument("--cam-class", default=None, metavar="NAME",
                    help="with --cam: the class whose map to draw (default: each image's top class)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast: faster on recent GPUs and AMX CPUs, "
-                   "probabilities differ in the third decimal")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 on GPUs without native bf16): faster "
+                   "on GPUs and AMX CPUs, probabilities differ in the third decimal")
     return p
 
 
@@ -110,6 +110,8 @@ class ImagePaths(Dataset):
 def predict(model, loader, device, topk, amp=False, tta=False):
     """Yields (index, probabilities of the top k, their class indices) or (index, error, None).
     tta: the mean of the probabilities of each image and its mirror image."""
+    # fp16 needs no grad scaler without gradients: it is the fast dtype of GPUs older than bf16
+    dtype = torch.float16 if device.type == "cuda" and not runtime.native_bf16(device) else torch.bfloat16
     with torch.inference_mode():
         for indices, images, failures in loader:
             for i, error in failures:
@@ -117,7 +119,7 @@ def predict(model, loader, device, topk, amp=False, tta=False):
             if images is None:
                 continue
             images = images.to(device, memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
                 probs = utils.mirror_averaged(model, images) if tta else model(images).float().softmax(1)
             top = probs.topk(topk)
             for i, p, c in zip(indices, top.values.tolist(), top.indices.tolist()):
@@ -223,6 +225,7 @@ def main(args):
     device = runtime.choose_device(args.device)
     if device.type == "cpu":
         runtime.keep_freed_memory()
+    runtime.configure_cuda(device, train=False)
     args.weights = pretrained.resolve(args.weights, args.model)  # a name (imagenet): the file in torch's cache
     model, info, transform, resize = model_files.load_model(args.weights, args.model, device)
     names = model_files.class_names(info, args.weights, args.class_indices, info["num_classes"])

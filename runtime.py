@@ -2,8 +2,9 @@
 allocator, torchrun's processes, and RNG state. In a single process the distributed helpers are
 no-ops, so the training loop reads the same with one process or many.
 
-    device = runtime.choose_device("auto")               # cuda > mps > cpu
-    rank, world, local_rank = runtime.setup_distributed()  # (0, 1, 0) without torchrun
+    device = runtime.choose_device("auto", *runtime.torchrun_local())  # cuda > mps > cpu
+    runtime.configure_cuda(device, train=True)
+    rank, world, local_rank = runtime.setup_distributed(device)       # (0, 1, 0) without torchrun
 """
 import ctypes
 import datetime
@@ -40,14 +41,18 @@ def check_torchvision():
                          "index of your CUDA version)") from None
 
 
-def choose_device(name, local_rank=0):
-    """--device: auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps; under torchrun the local rank's GPU."""
+def choose_device(name, local_rank=0, local_world=1):
+    """--device: auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps; under torchrun (local_rank of
+    local_world processes on this machine) the local rank's GPU. A GPU chosen is made the current
+    one: CUDA's context, the pin-memory thread and torch.cuda's calls without a device then act on
+    it, not on GPU 0."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if torch.backends.mps.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
             return torch.device("mps")
-        return torch.device("cpu")
+        else:
+            return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -58,20 +63,59 @@ def choose_device(name, local_rank=0):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
-        if local_rank and device.index is None:
-            device = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if local_world > count:
+            raise UsageError(f"torchrun starts {local_world} processes on this machine, but it has {count} GPU(s): "
+                             f"use --nproc_per_node={count}, or --device cpu")
+        if local_world > 1 and device.index is not None:
+            raise UsageError(f"--device {name} would put all {local_world} processes on one GPU: use --device cuda "
+                             "(each process takes the GPU of its local rank)")
+        if (device.index or 0) >= count:
+            raise UsageError(f"--device {name}: only {count} GPU(s) here")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
     return device
+
+
+def native_bf16(device):
+    """True on GPUs that compute in bf16 natively: compute capability 8 and up (A100, RTX 30xx and
+    later). torch.cuda.is_bf16_supported() also counts older GPUs (T4, V100, RTX 20xx), which only
+    emulate it, far slower than fp16."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def amp_dtype(mode, device):
     """The autocast dtype for --amp MODE ("auto", "bf16", "fp16", "off") on `device`, or None for fp32.
-    auto is bf16 on GPUs that have it and fp32 elsewhere: on CPUs bf16 training measured slower
-    than fp32 at 64-224 px, with AMX (Intel Xeon: 0.58x at 64 px, 0.95x at 224 px) and without."""
+    auto is bf16 on GPUs that have it natively, fp16 (with train.py's grad scaler) on older GPUs,
+    and fp32 elsewhere: on CPUs bf16 training measured slower than fp32 at 64-224 px, with AMX
+    (Intel Xeon: 0.58x at 64 px, 0.95x at 224 px) and without."""
     if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+        mode = "off" if device.type != "cuda" else "bf16" if native_bf16(device) else "fp16"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+
+def configure_cuda(device, train):
+    """The numerics of fp32 work on a GPU, set here and nowhere else (nothing changes on other devices).
+    Training (train=True): cuDNN times the algorithms for each new shape once and keeps the
+    fastest (cudnn.benchmark: a training run's shapes are fixed), and fp32 convolutions and
+    matmuls may use TF32 on Ampere and later GPUs (10-bit mantissa inputs, fp32 sums), in the
+    validation between epochs too. Prediction (train=False): no timing (one image at a
+    time would pay it for every new batch size), and fp32 means fp32 (TF32 off), so that
+    predict.py's probabilities match a CPU's within float noise; --amp is its fast path.
+    The algorithm cuDNN picks can differ between processes, so on a GPU a resumed run equals the
+    run that was not interrupted within float noise, not bit for bit as on a CPU."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = train
+    # the flags PyTorch reads everywhere (its newer fp32_precision settings may not be mixed with them)
+    torch.backends.cudnn.allow_tf32 = train
+    torch.set_float32_matmul_precision("high" if train else "highest")
+
+
+def sum_dtype(device):
+    """The dtype of running sums (losses, counts) kept on `device`: float64, except on Apple GPUs
+    (MPS), which have no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def keep_freed_memory():
@@ -90,7 +134,9 @@ def keep_freed_memory():
 
 
 def default_workers():
-    return min(os.cpu_count() or 1, 8)
+    """Data loader processes per training (or predicting) process: the CPUs, up to 8, shared out
+    among the processes torchrun starts on this machine."""
+    return max(1, min((os.cpu_count() or 1) // torchrun_local()[1], 8))
 
 
 def usable_workers(requested):
@@ -112,15 +158,27 @@ def quiet_on_sigterm(worker_id=None):
 # Distributed processes (torchrun)
 # ---------------------------------------------------------------------------------------------
 
-def setup_distributed():
-    """(rank, world size, local rank), initialising the process group when run under torchrun."""
+def torchrun_local():
+    """(local rank, processes on this machine) as torchrun sets them; (0, 1) in a plain process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def setup_distributed(device):
+    """(rank, world size, local rank), initialising the process group when run under torchrun:
+    NCCL between the GPUs of processes on `device` cuda (choose_device, called first, made it the
+    current one), gloo between processes on the CPU."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
+    if device.type == "mps":
+        raise UsageError("torchrun with --device mps: processes cannot share an Apple GPU's tensors; "
+                         "use --device cpu, or train in one process")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    if device.type == "cuda":
+        dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=30), device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -139,8 +197,8 @@ def world_size():
 
 
 def print0(*args, **kwargs):
-    """print on the first process only."""
-    if rank() == 0:
+    """print on the first process only (under torchrun also before the process group is up)."""
+    if (rank() if is_distributed() else int(os.environ.get("RANK", 0))) == 0:
         print(*args, **kwargs)
 
 
@@ -187,15 +245,22 @@ def gather_objects(obj):
 # RNG state, saved in last.pth
 # ---------------------------------------------------------------------------------------------
 
-def rng_state():
+def rng_state(device):
+    """This process's RNG streams: the CPU's, Python's, and the GPU's it trains on (`device`)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
+    """The streams of rng_state, the GPU's put on `device` (a run may resume on another GPU, or on
+    a machine with fewer of them)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # saved before: one state per GPU visible, the process's at its index
+        index = device.index or 0
+        cuda = cuda[index] if device.type == "cuda" and index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)

@@ -120,7 +120,8 @@ def get_args_parser():
     hardware.add_argument("--workers", type=int, default=runtime.default_workers(), help="data loading processes")
     hardware.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=["auto", "bf16", "fp16", "off"],
                           help="mixed precision: bf16 or fp16 autocast (fp16 with a grad scaler); auto = bf16 on "
-                               "GPUs that have it, else off (on CPUs bf16 trains slower than fp32)")
+                               "GPUs that have it natively (A100, RTX 30xx and later), fp16 on older GPUs, else off "
+                               "(on CPUs bf16 trains slower than fp32)")
     hardware.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                           help="channels-last memory format (faster convolutions on CPU and tensor cores)")
     hardware.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
@@ -280,6 +281,11 @@ def build_data(args, device):
     val_part = my_dataset.IndexedSubset(val_set, range(rank, len(val_set), world))  # indices: for predictions.csv
     weights = my_dataset.balanced_weights(split.train_labels) if args.balance else None
     train_sampler = my_dataset.EpochSampler(train_set, world, rank, shuffle=True, seed=args.seed, weights=weights)
+    if world > 1 and len(train_sampler) < args.batch_size:
+        # each process would drop its one incomplete batch (make_loader's drop_last): nothing would train
+        raise cli.DataError(f"{len(split.train_images)} training images shared by {world} processes leave "
+                            f"{len(train_sampler)} to each, fewer than --batch-size {args.batch_size}: use "
+                            f"--batch-size {len(train_sampler)} or fewer processes")
     workers = runtime.usable_workers(args.workers)
     bn_loader = None
     if args.precise_bn:  # a fixed sample of training images, decoded and resized as validation does
@@ -313,7 +319,7 @@ def build_model(args, num_classes, ckpt, device):
     compiled = torch.compile(model) if args.compile else model
     train_model = compiled if runtime.world_size() == 1 else torch.nn.parallel.DistributedDataParallel(
         compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    ema = AveragedModel(model, multi_avg_fn=ema_update(args.ema_decay), use_buffers=True) if args.ema else None
+    ema = EMA(model, args.ema_decay) if args.ema else None
     return Models(train_model, model, ema.module if ema is not None else compiled, ema)
 
 
@@ -331,22 +337,42 @@ def build_optimizer(args, model):
     return torch.optim.AdamW(groups, lr=args.lr)
 
 
-def ema_update(decay):
-    """EMA step for AveragedModel. After n updates the decay is 1 - (1 + n) ** -0.75 (up to
-    `decay`): the average follows the weights closely at first, then spans more and more steps
-    (about 60 after 220 updates, the whole of a short run's last epochs), and reaches 0.999 after
-    10,000 updates. A short run is then neither stuck near the random initial weights nor at the
-    mercy of its last few steps."""
+class EMA(AveragedModel):
+    """The exponential moving average of the weights and BatchNorm buffers, as AveragedModel keeps
+    it (its n_averaged counts the updates, saved in last.pth). After n updates the decay is
+    1 - (1 + n) ** -0.75 (up to `decay`): the average follows the weights closely at first, then
+    spans more and more steps (about 60 after 220 updates, the whole of a short run's last epochs),
+    and reaches 0.999 after 10,000 updates. A short run is then neither stuck near the random
+    initial weights nor at the mercy of its last few steps.
+    An update is one foreach lerp over all tensors, not one kernel per tensor (360 for B0), and
+    never waits for the GPU: the count it needs is kept in Python, where AveragedModel reads its
+    tensor n_averaged back from the device twice per update."""
+
+    def __init__(self, model, decay):
+        super().__init__(model, use_buffers=True)
+        self.decay, self.count = decay, None
+
+    def load_state_dict(self, *args, **kwargs):
+        self.count = None  # read from the loaded n_averaged at the next update
+        return super().load_state_dict(*args, **kwargs)
+
     @torch.no_grad()
-    def update(averaged, current, num_averaged):
-        n = float(num_averaged)
-        weight = 1 - min(decay, 1 - (1 + n) ** -0.75)
-        for a, c in zip(averaged, current):
-            if a.is_floating_point():
-                a.lerp_(c, weight)
-            else:  # BatchNorm's num_batches_tracked
-                a.copy_(c)
-    return update
+    def update_parameters(self, model):
+        if self.count is None:
+            self.count = int(self.n_averaged)
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self.count == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            floats = [i for i, a in enumerate(averaged) if a.is_floating_point()]
+            counters = [i for i, a in enumerate(averaged) if not a.is_floating_point()]  # num_batches_tracked
+            weight = 1 - min(self.decay, 1 - (1 + self.count) ** -0.75)
+            torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], weight)
+            if counters:
+                torch._foreach_copy_([averaged[i] for i in counters], [current[i] for i in counters])
+        self.n_averaged += 1
+        self.count += 1
 
 
 def lr_lambda(args, steps_per_epoch):
@@ -391,7 +417,7 @@ def build_optimization(args, models, batches_per_epoch, device, ckpt):
         if models.ema is not None and ckpt.get("ema"):
             models.ema.load_state_dict(ckpt["ema"])
         rngs = ckpt["rng"]
-        runtime.set_rng_state(rngs[min(runtime.rank(), len(rngs) - 1)])
+        runtime.set_rng_state(rngs[min(runtime.rank(), len(rngs) - 1)], device)
         progress = {k: ckpt.get(k, v) for k, v in progress.items()}  # keys added since: their start value
         so_far = (f"best val top-1 so far {progress['best_top1']:.4f}" if progress["epoch"]
                   else "no epoch had finished")
@@ -460,14 +486,16 @@ def start_outputs(args, ckpt, split, save_first):
 
 def main(args, parser):
     runtime.check_torchvision()  # augmentation needs it: a mismatched install fails here, before any folder is made
-    rank, world, local_rank = runtime.setup_distributed()
     ckpt = None
     if args.resume is not None:
         args, ckpt = resume_args(args, parser)
     set_defaults(args)
-    device = runtime.choose_device(args.device, local_rank)
+    # the device first (--device may come from the resumed run): it decides torchrun's backend
+    device = runtime.choose_device(args.device, *runtime.torchrun_local())
+    rank, world, _ = runtime.setup_distributed(device)
     if device.type == "cpu":
         runtime.keep_freed_memory()
+    runtime.configure_cuda(device, train=not args.eval_only)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
 
@@ -497,7 +525,8 @@ def main(args, parser):
 
 def save_last(args, models, meta, progress, optimization):
     """last.pth with every process's RNG state, so that each resumes its own streams."""
-    rngs = runtime.gather_objects(runtime.rng_state())
+    device = next(models.raw.parameters()).device
+    rngs = runtime.gather_objects(runtime.rng_state(device))
     if runtime.rank() == 0:
         checkpoint.save_last(os.path.join(args.output_dir, "last.pth"), models.raw, meta, progress, *optimization,
                              models.ema, rngs)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from cli import DataError, progress_bars
 from my_dataset import IndexedSubset, shape_problem
-from runtime import all_reduce_sum, amp_dtype, gather_objects, is_distributed, world_size
+from runtime import all_reduce_sum, amp_dtype, gather_objects, is_distributed, sum_dtype, world_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +318,9 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the weights became NaN or infinite: the run diverged."""
 
 
+CHECK_EVERY = 50  # on a GPU, the steps between two reads of the loss (the NaN check)
+
+
 def check_finite(model, epoch):
     """NonFiniteLossError when a parameter or BatchNorm statistic is NaN or infinite."""
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -342,7 +345,11 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
             m.eval()
     autocast, grad_accum = amp_dtype(args.amp, device), args.grad_accum
-    loss_sum, seen = 0.0, 0  # plain floats: the loss is on the host already for the NaN check
+    # The loss is summed where it is computed. Reading it (.item()) makes the host wait for the
+    # device to finish: free on a CPU, where every step is checked for NaN; on a GPU it would
+    # stall every step, so the sum is read, and checked, every CHECK_EVERY steps and for the log.
+    check_every = 1 if device.type == "cpu" else CHECK_EVERY
+    loss_sum, seen, checked = torch.zeros((), dtype=sum_dtype(device), device=device), 0, 0
     start = time.perf_counter()
     terminal = show and progress_bars()  # a progress bar there; plain lines in a log file or a pipe
     next_line = start + args.log_interval
@@ -362,9 +369,14 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 loss = criterion(model(images), labels)
             scaler.scale(loss / grad_accum).backward()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"the loss became {loss_value} in epoch {epoch}, step {step}")
+        loss_sum += loss.detach().to(loss_sum.dtype) * len(images)
+        seen += len(images)
+        if (step + 1) % check_every == 0 or step + 1 == len(loader):
+            total = loss_sum.item()
+            if not math.isfinite(total):
+                where = f"step {step}" if check_every == 1 else f"steps {checked}-{step}"
+                raise NonFiniteLossError(f"the loss became {total} in epoch {epoch}, {where}")
+            checked = step + 1
         if update:
             if args.clip_grad:
                 scaler.unscale_(optimizer)
@@ -375,18 +387,17 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
-        loss_sum, seen = loss_sum + loss_value * len(images), seen + len(images)
-        if terminal:
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+        if terminal and checked == step + 1:
+            bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{seen / (time.perf_counter() - start):.1f}")
-        elif show and time.perf_counter() >= next_line:
+        elif show and not terminal and time.perf_counter() >= next_line:
             now = time.perf_counter()
             next_line = now + args.log_interval
             left = (now - start) / (step + 1) * (len(loader) - step - 1)
-            print(f"epoch {epoch}  step {step + 1}/{len(loader)}  loss {loss_sum / seen:.4f}  "
+            print(f"epoch {epoch}  step {step + 1}/{len(loader)}  loss {loss_sum.item() / seen:.4f}  "
                   f"{seen / (now - start):.1f} img/s  epoch ends in {duration(left)}", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
-    sums = all_reduce_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
+    sums = all_reduce_sum(torch.stack([loss_sum, torch.tensor(seen, dtype=loss_sum.dtype, device=device)]))
     return sums[0].item() / max(sums[1].item(), 1), sums[1].item() / elapsed
 
 
@@ -418,10 +429,10 @@ def precise_bn(model, loader, device, channels_last=False, show=True):
         m.reset_running_stats()
         m.momentum = None  # cumulative average: every batch counts the same
         m.train()
-    for images, _ in tqdm(loader, desc="re-estimating BatchNorm statistics", disable=not (show and progress_bars()),
-                          leave=False, dynamic_ncols=True):
+    for images, labels in tqdm(loader, desc="re-estimating BatchNorm statistics",
+                               disable=not (show and progress_bars()), leave=False, dynamic_ncols=True):
         if len(images) > 1:
-            model(to_device(images, images, device, channels_last)[0])
+            model(to_device(images, labels, device, channels_last)[0])
     for m, (momentum, tracked) in zip(norms, momenta):
         m.momentum = momentum
         m.num_batches_tracked.copy_(tracked)
@@ -441,7 +452,7 @@ def evaluate(model, loader, device, num_classes, channels_last=False, show=True,
     model.eval()
     n = num_classes
     confusion = torch.zeros(n * n, dtype=torch.int64, device=device)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, top-5 hits
+    sums = torch.zeros(2, dtype=sum_dtype(device), device=device)  # loss sum, top-5 hits
     records = []
     for images, labels, *index in tqdm(loader, desc="validate", disable=not (show and progress_bars()), leave=False,
                                        dynamic_ncols=True):
