@@ -109,8 +109,25 @@ def load_resume(path):
 
 
 def save(obj, path):
+    obj = on_cpu(obj)
     with signals_held():
         atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def on_cpu(obj):
+    """`obj` with every tensor in it (state dicts, optimizer state, RNG states, nested in dicts,
+    lists and tuples) copied to the CPU. A tensor keeps its device in the file: one saved from a
+    GPU would make torch.load without map_location fail on a machine that has none."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, on_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state_dict's layer versions
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
 
 
 @contextlib.contextmanager
