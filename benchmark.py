@@ -45,7 +45,7 @@ def get_args_parser():
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds, alternating this repo and the baseline; the median round is reported")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:1")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="this repo's autocast")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd training (slow warm-up)")
     p.add_argument("--workers", type=int, default=runtime.default_workers(), help="loader processes")
@@ -66,7 +66,7 @@ def get_args_parser():
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def train_step_fn(model, optimizer, x, y, autocast, channels_last):
@@ -468,14 +468,17 @@ def infer_step(args, device, x, torchvision_model=False, bf16=False):
     if torchvision_model:
         return infer_fn(baseline_model(args.model, device).eval(), x)
     model = fuse_bn(create_model(args.model).to(device, memory_format=torch.channels_last))
-    return infer_fn(model, x.contiguous(memory_format=torch.channels_last), torch.bfloat16 if bf16 else None)
+    # predict.py --amp's dtype
+    amp = torch.float16 if device.type == "cuda" and not runtime.native_bf16(device) else torch.bfloat16
+    return infer_fn(model, x.contiguous(memory_format=torch.channels_last), amp if bf16 else None)
 
 
 def infer_exported(args, device, x, fmt):
-    """predict.py's path through an exported file (export.py, dynamic batch): the loaded
-    ExportedProgram, or ONNX Runtime on the CPU."""
+    """predict.py's path through an exported file (export.py, dynamic batch): the file exported on
+    the CPU, as export.py does, then loaded onto `device`: the ExportedProgram, or ONNX Runtime on
+    the CPU."""
     import export
-    model = fuse_bn(create_model(args.model).to(device)).eval()
+    model = fuse_bn(create_model(args.model)).eval()
     with tempfile.TemporaryDirectory() as folder:  # both loaders read the whole file in
         path = os.path.join(folder, f"model.{fmt}")
         export.save(export.export_program(model, x.shape[-1], True), fmt, path)
@@ -534,15 +537,16 @@ def measure(which, args, device):
     contender = CONTENDERS[which]
     if device.type == "cpu" and not contender.glibc:
         runtime.keep_freed_memory()
+    runtime.configure_cuda(device, train=contender.kind == "train")
     if contender.kind == "folder":
         paths = sorted(os.path.join(args.photos, p) for p in os.listdir(args.photos))
         return {"rate": contender.run(paths, args, device, args.batch_size)}
     x, y = inputs(args, device)
     step = contender.run(args, device, x, y) if contender.kind == "train" else contender.run(args, device, x)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if device.type == "cuda" else rss()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss()
     start = time.perf_counter()
     step()
     sync(device)
@@ -552,7 +556,7 @@ def measure(which, args, device):
         step()
     sync(device)
     rate = args.batch_size * args.steps / (time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
     return {"rate": rate, "warmup": warmup, "peak": peak / 2**20}
 
@@ -563,16 +567,17 @@ def tensor_memory(which, args, device):
     mmap threshold (see run_contender) and without keep_freed_memory, so every freed block goes
     back to the system at once and the resident size follows the live tensors; the peak is the
     kernel's high-water mark, reset just before the step."""
+    runtime.configure_cuda(device, train=True)
     x, y = inputs(args, device)
     step = CONTENDERS[which].run(args, device, x, y)
     step()  # warm-up: optimizer state, first-call allocations
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     base = rss()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak resident size (VmHWM) to the current one
