@@ -11,9 +11,18 @@ DIGITS = os.path.join(ROOT, "data", "digits")
 sys.path.insert(0, ROOT)
 
 
+# the scripts that take --device; elsewhere than tests/test_cuda.py a test means the CPU (numbers
+# compared with a CPU's, bitwise resumes), also on a machine with a GPU
+DEVICE_SCRIPTS = ("train.py", "predict.py", "benchmark.py")
+
+
 def run_script(script, *args, cwd=None, timeout=300, check=True):
-    """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
-    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    """Run one of the repo's scripts as a user would, on the CPU unless `args` name a --device;
+    returns the CompletedProcess."""
+    args = [*map(str, args)]
+    if script in DEVICE_SCRIPTS and "--device" not in args:
+        args += ["--device", "cpu"]
+    cmd = [sys.executable, os.path.join(ROOT, script), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     result = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -67,8 +76,8 @@ def tiny_data(tmp_path):
     return copy_digits(tmp_path / "tiny")
 
 
-# a short, cheap training run: 32 px, small batches, no worker processes
-FAST = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "2"]
+# a short, cheap training run: 32 px, small batches, no worker processes, on the CPU (torchrun too)
+FAST = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "2", "--device", "cpu"]
 
 
 @pytest.fixture(scope="session")

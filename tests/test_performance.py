@@ -18,7 +18,7 @@ def resident_after_free(keep):
     tensors, with or without runtime.keep_freed_memory()."""
     code = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {ROOT!r})
-        import torch, utils
+        import torch, runtime
         def rss():
             return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
         applied = runtime.keep_freed_memory() if {keep} else False
@@ -44,7 +44,7 @@ def test_benchmark_runs_every_row_with_positive_ratios():
     """benchmark.py end to end at a toy size: every contender's process runs and every row of the
     table has a positive figure on both sides."""
     out = run_script("benchmark.py", "--img-size", "32", "--batch-size", "2", "--steps", "1", "--rounds", "1",
-                     "--workers", "0", timeout=600).stdout
+                     "--workers", "0", "--device", "cpu", timeout=600).stdout
     rows = re.findall(r"^(.+?)\s+([\d.]+)\s+([\d.]+)\s+(img/s|MiB)\s+([\d.]+)x$", out, re.M)
     names = [r[0] for r in rows]
     for expected in ("train step: train.py default vs tutorial loop", "peak tensor memory of a training step",
