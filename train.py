@@ -281,7 +281,7 @@ def build_data(args, device):
     val_part = my_dataset.IndexedSubset(val_set, range(rank, len(val_set), world))  # indices: for predictions.csv
     weights = my_dataset.balanced_weights(split.train_labels) if args.balance else None
     train_sampler = my_dataset.EpochSampler(train_set, world, rank, shuffle=True, seed=args.seed, weights=weights)
-    if world > 1 and len(train_sampler) < args.batch_size:
+    if world > 1 and not args.eval_only and len(train_sampler) < args.batch_size:
         # each process would drop its one incomplete batch (make_loader's drop_last): nothing would train
         raise cli.DataError(f"{len(split.train_images)} training images shared by {world} processes leave "
                             f"{len(train_sampler)} to each, fewer than --batch-size {args.batch_size}: use "

@@ -76,8 +76,8 @@ def tiny_data(tmp_path):
     return copy_digits(tmp_path / "tiny")
 
 
-# a short, cheap training run: 32 px, small batches, no worker processes, on the CPU (torchrun too)
-FAST = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "2", "--device", "cpu"]
+# a short, cheap training run: 32 px, small batches, no worker processes
+FAST = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "2"]
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     script.write_text(SPY.format(root=ROOT, spy_dir=str(spy_dir), data=data))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "--data-path", data, "--output-dir", str(out), *FAST]
+           "--data-path", data, "--output-dir", str(out), *FAST, "--device", "cpu"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -61,8 +61,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert sorted(os.listdir(spy_dir)) == ["rank0.pth", "rank1.pth", "scanned-by-rank0"]
     assert result.stderr.count("could not be used") == 1 and f"{broken}: not an image" in result.stderr
 
-    rank0 = torch.load(spy_dir / "rank0.pth", weights_only=True)
-    rank1 = torch.load(spy_dir / "rank1.pth", weights_only=True)
+    rank0 = torch.load(spy_dir / "rank0.pth", map_location="cpu", weights_only=True)
+    rank1 = torch.load(spy_dir / "rank1.pth", map_location="cpu", weights_only=True)
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # parameters and BN statistics
     best = torch.load(out / "best.pth", weights_only=True)

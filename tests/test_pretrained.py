@@ -327,7 +327,7 @@ def test_torchrun_downloads_once(cache, tmp_path, monkeypatch):
         monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                "--data-path", data, "--output-dir", str(tmp_path / "run"), *FAST, "--eval-only",
-               "--weights", "imagenet"]
+               "--weights", "imagenet", "--device", "cpu"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout + result.stderr
