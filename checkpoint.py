@@ -35,6 +35,9 @@ class WeightsError(ValueError):
 
 def load_checkpoint(path):
     """torch.load with weights_only=True: a file that would run code on unpickling is refused."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise WeightsError(f"{path} is not a regular file (a FIFO, socket or device): reading it could wait "
+                           "forever; pass the .pth file itself")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -62,7 +65,59 @@ def read_meta(obj, where="weights"):
     if not isinstance(version, int) or version > FORMAT:
         raise WeightsError(f"{where} was written by a newer version of these scripts (checkpoint format "
                            f"{version}, this one reads up to {FORMAT}): update the scripts")
+    problem = meta_problem(meta)
+    if problem:
+        field, wanted = problem
+        raise WeightsError(f"{where}: meta[\"{field}\"] must be {wanted}; this checkpoint was not written by "
+                           "train.py as it stands (pass the run's own best.pth, or a plain state_dict)")
     return dict(meta, format=version)
+
+
+INTERPOLATIONS = ("bilinear", "bicubic")
+EVAL_FIELDS = ("img_size", "eval_resize", "eval_crop", "interpolation", "mean", "std")
+
+
+def preprocessing_problem(resize, crop, interpolation, mean, std):
+    """(field, what it must be) for the first eval setting that predict.py cannot use as it is, or
+    None. The file may come from anyone: a resize of 60,000 px would allocate gigabytes per image,
+    a std of 0 turns every probability into NaN."""
+    if not (type(crop) is int and 32 <= crop <= 1024):
+        return "crop", "a whole number of pixels from 32 to 1024"
+    if not (type(resize) is int and crop <= resize <= 2 * crop):
+        return "resize", "a whole number of pixels from crop to twice crop"
+    if interpolation not in INTERPOLATIONS:
+        return "interpolation", " or ".join(INTERPOLATIONS)
+    for field, values, low in (("mean", mean, -1e3), ("std", std, 1e-6)):
+        if not (isinstance(values, (list, tuple)) and len(values) == 3
+                and all(type(x) in (int, float) and low <= x <= 1e3 for x in values)):  # NaN fails both
+            return field, "3 numbers" + (" above 0" if field == "std" else "")
+    return None
+
+
+def meta_problem(meta):
+    """(field, what it must be) for the first field of META that cannot be used as it is, or None."""
+    classes = meta.get("classes")
+    if classes is not None and not (isinstance(classes, list) and classes
+                                    and all(isinstance(c, str) for c in classes)):
+        return "classes", "a list of class names"
+    if "args" in meta and not isinstance(meta["args"], dict):
+        return "args", "an object of training flags"
+    eps = meta.get("bn_eps", 1e-3)
+    if not (type(eps) in (int, float) and 0 < eps < 1):
+        return "bn_eps", "a number between 0 and 1"
+    present = [field for field in EVAL_FIELDS if field in meta]
+    if not present:  # a file that does not describe its preprocessing: the variant's own is used
+        return None
+    if len(present) < len(EVAL_FIELDS):
+        missing = next(field for field in EVAL_FIELDS if field not in meta)
+        return missing, f"given with {present[0]} (the eval preprocessing is all or nothing)"
+    if not (type(meta["img_size"]) is int and meta["img_size"] >= 32):
+        return "img_size", "a whole number of pixels, 32 or more"
+    problem = preprocessing_problem(meta["eval_resize"], meta["eval_crop"], meta["interpolation"], meta["mean"],
+                                    meta["std"])
+    if problem and problem[0] in ("crop", "resize"):  # named as META names them
+        problem = ("eval_" + problem[0], problem[1])
+    return problem
 
 
 def make_meta(args, classes, variant, bn_eps):

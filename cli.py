@@ -4,6 +4,7 @@ warnings and file or class names are printed."""
 import argparse
 import difflib
 import os
+import re
 import sys
 import warnings
 
@@ -65,7 +66,8 @@ def quiet_warnings():
                     r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`",
                     "This DataLoader will create"):  # --workers is capped at the CPU count instead
         warnings.filterwarnings("ignore", message=message)
-    warnings.showwarning = lambda message, category, *rest: print(f"warning: {message}", file=sys.stderr)
+    warnings.showwarning = lambda message, category, *rest: print(f"warning: {printable(str(message))}",
+                                                                   file=sys.stderr)
 
 
 def speak_any_file_name():
@@ -76,9 +78,15 @@ def speak_any_file_name():
             stream.reconfigure(errors="backslashreplace")
 
 
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: a terminal acts on them instead of showing them
+
+
 def printable(name):
-    """A file or class name as text a plot can draw: bytes that are not UTF-8 as \\xNN escapes."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file or class name as text a terminal or a plot shows as it is: bytes that are not UTF-8 as
+    \\xNN escapes, and control characters (an escape sequence that clears the screen, a newline
+    that starts a fake result line) as \\x1b, \\n, \\r."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def progress_bars():

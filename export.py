@@ -61,7 +61,7 @@ def sizes(info, img_size):
 def export_program(model, crop, dynamic_batch):
     """torch.export of `model` for a float32 [batch, 3, crop, crop] input: the graph both formats are written from."""
     example = torch.randn(2 if dynamic_batch else 1, 3, crop, crop)
-    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None  # no upper bound: any batch
     return torch.export.export(model, (example,), dynamic_shapes=shapes)
 
 
@@ -69,7 +69,11 @@ def save(program, fmt, path):
     """Write the program as .pt2 or .onnx, whole or not at all (outputs.atomic_write); returns
     the ONNX opset (None for pt2)."""
     if fmt == "pt2":
-        outputs.atomic_write(path, lambda f: torch.export.save(program, f))
+        # whole in memory first: torch's zip writer aborts the process ("terminate called ...
+        # c10::Error") when a write to the file fails, a full disk for one; a Python write raises OSError
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        outputs.atomic_write(path, lambda f: f.write(buffer.getbuffer()))
         return None
     with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
         onnx_program = torch.onnx.export(program, dynamo=True, input_names=["images"], output_names=["logits"],
@@ -92,8 +96,11 @@ def main(args):
     if not output.endswith("." + args.format):
         raise cli.UsageError(f"--output {output}: a {args.format} file should end in .{args.format}")
     outputs.check_output_file(output, "--output")
-    if os.path.abspath(output) == os.path.abspath(args.weights):
-        raise cli.UsageError(f"--output {output} is the weights file itself; choose another name")
+    outputs.check_output_file(output + ".json", "--output's sidecar")
+    beside = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "class_indices.json")
+    outputs.check_distinct([("--output", output), ("--output's sidecar", output + ".json")],
+                           [("the --weights file", args.weights),
+                            ("the class_indices.json beside the weights", beside)])
     model, info, _, _ = model_files.load_model(args.weights, args.model)
     if info.get("source") == "export":
         raise WeightsError(f"{args.weights} is an exported file already; export from the best.pth it came from")
@@ -102,11 +109,14 @@ def main(args):
         p.requires_grad_(False)
     names = model_files.class_names(info, args.weights, None, info["num_classes"])
     resize, crop = sizes(info, args.img_size)
-    opset = save(export_program(model, crop, args.dynamic_batch), args.format, output)
-    meta = model_files.write_sidecar(output, info, names, resize, crop, args.format, args.dynamic_batch, opset)
+    program = export_program(model, crop, args.dynamic_batch)
+    with outputs.reported_as("--output", output):
+        opset = save(program, args.format, output)
+        meta = model_files.write_sidecar(output, info, names, resize, crop, args.format, args.dynamic_batch, opset)
     size = os.path.getsize(output) / 2**20
-    print(f"wrote {output} ({size:.1f} MiB, EfficientNet-{info['variant'].upper()}, {len(names)} classes, input "
-          f"{meta['input']['shape']}{f', ONNX opset {opset}' if opset else ''}) and {output}.json")
+    print(cli.printable(f"wrote {output} ({size:.1f} MiB, EfficientNet-{info['variant'].upper()}, {len(names)} "
+                        f"classes, input {meta['input']['shape']}{f', ONNX opset {opset}' if opset else ''}) and "
+                        f"{output}.json"))
     return 0
 
 
@@ -116,5 +126,8 @@ if __name__ == "__main__":
     try:
         sys.exit(main(args))
     except (cli.UsageError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.printable(str(e))}", file=sys.stderr)
         sys.exit(2)
+    except outputs.WriteError as e:
+        print(f"error: {cli.printable(str(e))}", file=sys.stderr)
+        sys.exit(1)

@@ -388,6 +388,10 @@ def read_weights(source, where="weights"):
     default_eps = TORCHVISION_BN_EPS[variant] if fmt == "torchvision" else 1e-3
     info = dict(meta, variant=variant, source=fmt, bn_eps=meta.get("bn_eps", default_eps),
                 num_classes=sd["classifier.1.weight"].shape[0] if "classifier.1.weight" in sd else None)
+    if meta.get("classes") is not None and info["num_classes"] is not None \
+            and len(meta["classes"]) != info["num_classes"]:  # each name would label another output
+        raise WeightsError(f"{where} names {len(meta['classes'])} classes but its classifier has "
+                           f"{info['num_classes']} outputs; this checkpoint was not written by train.py as it stands")
     return sd, info
 
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from cli import printable
 from runtime import quiet_on_sigterm
 
 
@@ -134,7 +135,7 @@ class MyDataSet(Dataset):
         except Exception as e:  # broken, truncated or gone since the folder was listed
             if path not in self.warned:
                 self.warned.add(path)
-                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+                print(printable(f"warning: skipping unreadable image {path}: {e}"), file=sys.stderr)
             return None
         if self.transform is not None:
             with seeded(seed):

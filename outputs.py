@@ -4,7 +4,9 @@ and checked before any work is done.
     from outputs import atomic_write
     atomic_write("weights/run/metrics.csv", lambda f: f.write(b"epoch,..."))
 """
+import contextlib
 import os
+import stat
 import tempfile
 
 from cli import UsageError
@@ -12,9 +14,22 @@ from cli import UsageError
 
 def atomic_write(path, write):
     """Write through a temporary file in the same folder, fsync, then rename over `path`: a crash
-    at any moment leaves either the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    at any moment leaves either the old file or the new one, never half of one. A link is written
+    through (the file it names is replaced, the link stays), and what is not a regular file (a
+    FIFO, /dev/stdout, a shell's >(...)) is written to directly: renaming over it would replace
+    the pipe or the device instead of feeding it. OSError as the disk or the device reports it."""
+    try:
+        special = not stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        special = False
+    if special:
+        with open(path, "wb") as f:
+            write(f)
+        return
+    path = os.path.realpath(path)
+    folder = os.path.dirname(path)
+    # a short name of its own: the target's name plus a suffix can pass the 255 bytes a name may have
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
     umask = os.umask(0o022)  # read it (there is no other way) and put it back at once
     os.umask(umask)
     try:
@@ -47,9 +62,57 @@ def remove_stale_temp_files(folder):
             os.remove(os.path.join(folder, name))
 
 
+class WriteError(Exception):
+    """An output could not be written after all (a full disk, a folder made read-only since it was
+    checked); the message names it."""
+
+
+@contextlib.contextmanager
+def reported_as(flag, path):
+    """An OSError while the block writes `path` as a WriteError of one line that names it."""
+    try:
+        yield
+    except BrokenPipeError:  # stdout's reader (`| head`) or the file's stopped reading: the script's to say
+        raise
+    except OSError as e:
+        raise WriteError(f"cannot write {flag} {e.filename or path}: {e.strerror or e}") from None
+
+
+def check_distinct(outputs, inputs):
+    """Fail before any work when an output would overwrite an input or another output. `outputs`
+    and `inputs` are (what, path) pairs, e.g. ("--csv", "p.csv"), ("the --weights file", "best.pth");
+    a file is the same under any of its names (links, "..", another spelling of the folder)."""
+    def keys(path):
+        found = {("path", os.path.realpath(path))}
+        try:
+            st = os.stat(path)
+            found.add(("file", st.st_dev, st.st_ino))
+        except OSError:  # not there yet
+            pass
+        return found
+
+    seen = {}
+    for what, path in inputs:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        seen.setdefault(("file", st.st_dev, st.st_ino), what)
+    for flag, path in outputs:
+        for key in keys(path):
+            if key in seen:
+                raise UsageError(f"{flag} {path} is also {seen[key]}: writing it would overwrite that; "
+                                 "choose another file")
+        seen.update((key, f"the {flag} file") for key in keys(path))
+
+
 def check_output_file(path, flag):
     """Fail before predicting anything when --csv or --plot cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):  # a FIFO, /dev/stdout
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path} is not writable; choose another file")
+        return
+    folder = os.path.dirname(os.path.realpath(path))  # a link is written through to the file it names
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder: give a file name, e.g. {os.path.join(path, 'out')}")
     if not os.path.isdir(folder):

@@ -16,6 +16,7 @@ import difflib
 import glob
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -35,6 +36,9 @@ from model import VARIANTS
 from my_dataset import load_rgb
 
 
+PLOT_LIMIT = 256  # 32 rows of 8: beyond that the grid takes minutes and gigabytes and no viewer shows it whole
+
+
 def get_args_parser():
     p = cli.ArgumentParser(description="Predict the class of images with an EfficientNet.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
@@ -48,7 +52,8 @@ def get_args_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the predictions to this CSV file")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the images with their top class")
-    p.add_argument("--plot-limit", type=int, default=64, metavar="N", help="draw at most the first N images")
+    p.add_argument("--plot-limit", type=int, default=64, metavar="N",
+                   help=f"draw at most the first N images (at most {PLOT_LIMIT})")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
     p.add_argument("--workers", type=int, default=runtime.default_workers(), help="image decoding processes")
@@ -76,13 +81,18 @@ def expand_paths(patterns):
         elif os.path.exists(pattern):
             problems.append((pattern, "not a regular file (a FIFO, socket or device); not opened"))
             continue
-        else:
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        else:  # a folder that the pattern matches is searched like a folder given by name
+            matches = []
+            for match in sorted(glob.glob(pattern, recursive=True)):
+                if os.path.isdir(match):
+                    matches += utils.list_images(match, problems)
+                elif os.path.isfile(match):
+                    matches.append(match)
         if matches:
             found += matches
         else:
             problems.append((pattern, "no such file" if not glob.has_magic(pattern) else "no file matches"))
-    return list(dict.fromkeys(found)), problems
+    return list(dict.fromkeys(found)), list(dict.fromkeys(problems))
 
 
 class ImagePaths(Dataset):
@@ -157,13 +167,42 @@ def grad_cam(model, x, target=None):
     return cam / cam.max() if cam.max() > 0 else cam, logits.detach(), target
 
 
-def write_cams(model, dataset, device, names, topk, target, folder):
-    """One PNG per readable image in `folder`: the image as the model sees it (resized and cropped)
-    and the same with the Grad-CAM of `target` (None: the top class) over it, the top-k in the title."""
+def cam_file_names(paths):
+    """The --cam file of each image: NAME_cam.png, NAME_cam-2.png for a second NAME in another folder;
+    a long NAME is cut so that the file name keeps within the 255 bytes a file system allows."""
+    names, used = [], set()
+    for path in paths:
+        stem, n = os.fsencode(os.path.splitext(os.path.basename(path))[0]), 1
+        while True:
+            suffix = b"_cam.png" if n == 1 else f"_cam-{n}.png".encode()
+            name = os.fsdecode(stem[:255 - len(suffix)] + suffix)
+            if name not in used:
+                break
+            n += 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def check_cam_folder(folder):
+    """Fail before predicting anything when the --cam folder cannot be made or written."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise cli.UsageError(f"--cam {folder} is a file: give a folder for the maps, e.g. --cam cams")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):  # the folder is made with its parents: the first that exists decides
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise cli.UsageError(f"--cam {folder}: {existing} is not a writable folder; choose another")
+
+
+def write_cams(model, dataset, device, names, topk, target, folder, files):
+    """One PNG per readable image in `folder`, named `files` (cam_file_names): the image as the model
+    sees it (resized and cropped) and the same with the Grad-CAM of `target` (None: the top class)
+    over it, the top-k in the title."""
     plt = reports.pyplot()
     os.makedirs(folder, exist_ok=True)
     mean, std = dataset.transform.mean, dataset.transform.std
-    written, used = 0, set()
+    written = 0
     for i in range(len(dataset)):
         _, x, error = dataset[i]
         if x is None:
@@ -185,13 +224,7 @@ def write_cams(model, dataset, device, names, topk, target, folder):
                                  for p, c in zip(top.values.tolist(), top.indices.tolist())), fontsize=8)
         right.set_title(f"Grad-CAM: {cli.printable(names[cls])[:28]} ({probs[cls]:.3f})", fontsize=8)
         fig.suptitle(cli.printable(dataset.paths[i])[-70:], fontsize=8)
-        stem = os.path.splitext(os.path.basename(dataset.paths[i]))[0]
-        name, n = f"{stem}_cam.png", 1
-        while name in used:  # the same file name in two folders
-            n += 1
-            name = f"{stem}_cam-{n}.png"
-        used.add(name)
-        reports.save_figure(fig, os.path.join(folder, name))
+        reports.save_figure(fig, os.path.join(folder, files[i]))
         written += 1
     return written
 
@@ -203,6 +236,15 @@ def plot_predictions(results, path, limit=64):
         reports.plot_tiles([(r["path"], f"{cli.printable(r['topk'][0]['class'])[:18]} ({r['topk'][0]['prob']:.2f})")
                             for r in shown], path)
     return len(shown)
+
+
+def input_files(weights, class_indices, paths):
+    """(what, path) of every file predict.py reads: no output may be one of them."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(weights)), "class_indices.json")
+    return ([("the --weights file", weights), ("the sidecar of the --weights file", weights + ".json"),
+             ("the class_indices.json beside the weights", beside)]
+            + ([("the --class-indices file", class_indices)] if class_indices else [])
+            + [(f"the image {cli.printable(path)}", path) for path in paths])
 
 
 def newest_run_weights():
@@ -220,20 +262,24 @@ def main(args):
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path:
             outputs.check_output_file(path, flag)
-    if args.cam and os.path.exists(args.cam) and not os.path.isdir(args.cam):
-        raise cli.UsageError(f"--cam {args.cam} is a file: give a folder for the maps, e.g. --cam cams")
+    if args.cam:
+        check_cam_folder(args.cam)
     device = runtime.choose_device(args.device)
     if device.type == "cpu":
         runtime.keep_freed_memory()
     runtime.configure_cuda(device, train=False)
     args.weights = pretrained.resolve(args.weights, args.model)  # a name (imagenet): the file in torch's cache
+    paths, missing = expand_paths(args.paths)
+    cam_files = cam_file_names(paths) if args.cam else []
+    outputs.check_distinct([(flag, path) for flag, path in (("--csv", args.csv), ("--plot", args.plot)) if path]
+                           + [("--cam", os.path.join(args.cam, name)) for name in cam_files],
+                           input_files(args.weights, args.class_indices, paths))
     model, info, transform, resize = model_files.load_model(args.weights, args.model, device)
     names = model_files.class_names(info, args.weights, args.class_indices, info["num_classes"])
     if info.get("ema"):
         print(f"note: {args.weights} is a last.pth: predicting with its averaged (EMA) weights, the ones its "
               "validation scored", file=sys.stderr)
     topk = min(args.topk, len(names))
-    paths, missing = expand_paths(args.paths)
     dataset = ImagePaths(paths, transform, draft_size=transforms.eval_draft_size(resize))
     workers = runtime.usable_workers(args.workers) if len(paths) > args.batch_size else 0
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
@@ -259,22 +305,25 @@ def main(args):
 
     tally, total = Tally(args.plot_limit if args.plot else 0), len(paths) + len(missing)
     if args.csv:  # rows go to the file as they come; it replaces the old one when the last is written
-        outputs.atomic_write(args.csv, lambda f: report(results(), tally, args, topk, f, total))
+        with outputs.reported_as("--csv", args.csv):
+            outputs.atomic_write(args.csv, lambda f: report(results(), tally, args, topk, f, total))
     else:
         report(results(), tally, args, topk, None, total)
     wrote = [f"{args.csv} ({tally.total} rows)"] if args.csv else []
     if args.cam:
-        drawn = write_cams(model, dataset, device, names, topk, cam_class, args.cam)
+        with outputs.reported_as("--cam", args.cam):
+            drawn = write_cams(model, dataset, device, names, topk, cam_class, args.cam, cam_files)
         wrote += [f"{drawn} class-activation map{'s' if drawn != 1 else ''} to {args.cam}"]
     if args.plot:
-        drawn = plot_predictions(tally.shown, args.plot, args.plot_limit)
+        with outputs.reported_as("--plot", args.plot):
+            drawn = plot_predictions(tally.shown, args.plot, args.plot_limit)
         predicted = sum(tally.counts.values())
         wrote += [f"{args.plot} ({'all' if drawn == predicted else f'first {drawn} of'} {predicted} images)"] if drawn \
             else []
     if tally.total > 1:
         print(tally.summary(), file=sys.stderr)
     if wrote:
-        print(f"wrote {', '.join(wrote)}", file=sys.stderr)
+        print(cli.printable(f"wrote {', '.join(wrote)}"), file=sys.stderr)
     return 1 if tally.failed else 0
 
 
@@ -331,14 +380,14 @@ def show(result, args, say=say):
         except UnicodeEncodeError:  # a file name that is not UTF-8: \u escapes keep it valid JSON
             line = json.dumps(result)
         say(line)
-    elif "error" in result:
-        say(f"{result['path']}: error: {result['error']}", file=sys.stderr)
+    elif "error" in result:  # names as the terminal can show them: no escape sequence, no line of their own
+        say(f"{cli.printable(result['path'])}: error: {cli.printable(result['error'])}", file=sys.stderr)
     elif len(result["topk"]) == 1:
         top = result["topk"][0]
-        say(f"{result['path']}: {top['class']} ({top['prob']:.3f})")
+        say(f"{cli.printable(result['path'])}: {cli.printable(top['class'])} ({top['prob']:.3f})")
     else:
-        say(result["path"] + "".join(f"\n  {rank}. {t['class']:<30} {t['prob']:.4f}"
-                                     for rank, t in enumerate(result["topk"], 1)))
+        say(cli.printable(result["path"]) + "".join(f"\n  {rank}. {cli.printable(t['class']):<30} {t['prob']:.4f}"
+                                                    for rank, t in enumerate(result["topk"], 1)))
 
 
 def csv_header(topk):
@@ -353,19 +402,38 @@ def csv_row(result, topk):
     return ",".join(cells + [reports.csv_field(result.get("error", ""))]) + "\n"
 
 
-if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # as Ctrl-C: an output being written is removed, not left half-made
+
+
+def check_args(parser, args):
     if args.topk < 1 or args.batch_size < 1 or args.plot_limit < 1:
-        get_args_parser().error("--topk, --batch-size and --plot-limit must be at least 1")
+        parser.error("--topk, --batch-size and --plot-limit must be at least 1")
+    if args.plot_limit > PLOT_LIMIT:
+        parser.error(f"--plot-limit is at most {PLOT_LIMIT} (got {args.plot_limit}): a larger grid takes minutes and "
+                     "gigabytes to draw; --csv lists every image")
     if args.workers < 0:
-        get_args_parser().error(f"--workers must be 0 or more (got {args.workers})")
+        parser.error(f"--workers must be 0 or more (got {args.workers})")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_sigterm)
+    parser = get_args_parser()
+    args = parser.parse_args()
+    check_args(parser, args)
     cli.speak_any_file_name()
     cli.quiet_warnings()
     try:
         sys.exit(main(args))
     except (cli.UsageError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.printable(str(e))}", file=sys.stderr)
         sys.exit(2)
+    except outputs.WriteError as e:
+        print(f"error: {cli.printable(str(e))}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # the output went into `head` or similar, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

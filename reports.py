@@ -80,7 +80,8 @@ def write_per_class(path, confusion, classes):
 
 
 def csv_field(text):
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+    """A cell as RFC 4180 quotes it: a lone \\r ends a row for most readers, as \\n does."""
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n\r') else text
 
 
 def write_mistakes(folder, predictions, split, title, limit=48):

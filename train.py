@@ -435,7 +435,7 @@ def evaluate_only(args, models, data, device):
     runtime.print0(f"{len(data.split.val_images)} validation images{' (--tta: with their mirror images)' if tta else ''}: "
                  f"loss {result['val_loss']:.4f}  top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}")
     for row in reports.per_class_rows(result["confusion"], classes):
-        runtime.print0(f"  {row['class']:>20}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+        runtime.print0(f"  {cli.printable(row['class']):>20}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
                      f"f1 {row['f1']:.3f}  support {row['support']}")
     if runtime.rank() == 0:
         folder = args.output_dir or os.path.dirname(os.path.abspath(args.weights or args.resume))
@@ -673,7 +673,7 @@ if __name__ == "__main__":
     try:
         code = main(args, parser)
     except (cli.UsageError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.printable(str(e))}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:  # before the first epoch: nothing to resume yet, and no run folder left
         print("\ninterrupted before training started", file=sys.stderr)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from cli import DataError, progress_bars
+from cli import DataError, printable, progress_bars
 from my_dataset import IndexedSubset, shape_problem
 from runtime import all_reduce_sum, amp_dtype, gather_objects, is_distributed, sum_dtype, world_size
 
@@ -163,7 +163,8 @@ def scan_classes(root):
                     kept.append(path)
     for name, paths in listed.items():
         if not paths:
-            print(f"warning: class folder {os.path.join(root, name)} has no images; skipped", file=sys.stderr)
+            print(f"warning: class folder {printable(os.path.join(root, name))} has no images; skipped",
+                  file=sys.stderr)
     return {name: paths for name, paths in listed.items() if paths}, broken
 
 
@@ -265,7 +266,7 @@ def drop_files(split, bad, folders):
             kept[c] = (tr, va)
         else:
             where = " and ".join(os.path.join(folder, c) for folder in folders)
-            print(f"warning: class folder {where} has no usable images; skipped", file=sys.stderr)
+            print(f"warning: class folder {printable(where)} has no usable images; skipped", file=sys.stderr)
     return kept
 
 
@@ -306,7 +307,7 @@ class BackgroundCheck:
 
 def report_broken(broken):
     if broken:
-        lines = "\n".join(f"  {path}: {reason}" for path, reason in broken)
+        lines = "\n".join(f"  {printable(path)}: {printable(reason)}" for path, reason in broken)
         print(f"warning: {len(broken)} file(s) could not be used and are left out:\n{lines}", file=sys.stderr)
 
 
