@@ -1,5 +1,5 @@
 """export.py: torch.export (.pt2) and ONNX files that give the eager model's outputs, their
-sidecar, predict.py on them, the README's onnxruntime example, and bad input."""
+sidecar, predict.py on them, docs/deploy.md's onnxruntime example, and bad input."""
 import importlib.util
 import json
 import multiprocessing
@@ -102,13 +102,13 @@ def test_predict_on_an_exported_file_gives_the_checkpoints_answers(trained, fmt,
 
 
 def test_readme_onnxruntime_example_runs_without_this_repo(trained, tmp_path):
-    """The README's "Deploy" example, run as it stands in a folder outside the repo with the
+    """docs/deploy.md's example, run as it stands in a folder outside the repo with the
     repo off the path, names the class that predict.py names."""
     onnx_or_skip("onnx")
     data, run = trained
     run_script("export.py", "--weights", run / "best.pth", "--output", tmp_path / "best.onnx", "--dynamic-batch")
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    code = re.search(r"## Deploy.*?```python\n(.*?)```", readme, re.S).group(1)
+    guide = open(os.path.join(ROOT, "docs", "deploy.md"), encoding="utf-8").read()
+    code = re.search(r"```python\n(.*?)```", guide, re.S).group(1)
     image = os.path.join(data, "2", sorted(os.listdir(os.path.join(data, "2")))[0])
     os.symlink(image, tmp_path / "photo.jpg")  # a PNG under the example's name: Pillow goes by the content
     out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)

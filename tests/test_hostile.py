@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-import predict as predict_script
 import train as train_script
 import cli
+import model_files
+import outputs
 import runtime
 import transforms
 import utils
@@ -175,7 +176,7 @@ def test_weights_with_nan_are_refused(tmp_path):
     sd["features.top.0.weight"][0, 0] = float("nan")
     torch.save(sd, tmp_path / "nan.pth")
     with pytest.raises(train_script.WeightsError, match="nan.pth holds NaN or infinite values"):
-        predict_script.load_model(str(tmp_path / "nan.pth"))
+        model_files.load_model(str(tmp_path / "nan.pth"))
 
 
 def flag_error(argv, capsys):
@@ -375,7 +376,7 @@ def test_predict_checks_its_output_paths_before_predicting(tiny_data, tmp_path):
     assert_user_error(result, "--csv", "does not exist")
     assert result.stdout == ""  # nothing was predicted first
     with pytest.raises(cli.UsageError, match="--plot .* is a folder"):
-        predict_script.check_output_file(str(tmp_path), "--plot")
+        outputs.check_output_file(str(tmp_path), "--plot")
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644)])
