@@ -90,6 +90,8 @@ def expand_paths(patterns):
                     matches.append(match)
         if matches:
             found += matches
+        elif os.path.isdir(pattern):
+            problems.append((pattern, f"no images in this folder (looked for {' '.join(utils.IMG_EXTENSIONS)})"))
         else:
             problems.append((pattern, "no such file" if not glob.has_magic(pattern) else "no file matches"))
     return list(dict.fromkeys(found)), list(dict.fromkeys(problems))

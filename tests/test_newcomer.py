@@ -148,3 +148,14 @@ def test_curves_show_top5_only_where_it_says_something_and_zoom_on_accuracy(monk
     accuracy = fig.axes[1]
     assert "top-5" in [line.get_label() for line in accuracy.lines]
     assert accuracy.get_ylim()[0] <= 0.2
+
+
+def test_predict_on_a_folder_without_images_says_so(tmp_path):
+    import predict
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    paths, problems = predict.expand_paths([str(tmp_path / "empty"), str(tmp_path / "gone")])
+    assert paths == []
+    assert problems[0][0] == str(tmp_path / "empty") and problems[0][1].startswith("no images in this folder")
+    assert ".jpg" in problems[0][1] and ".png" in problems[0][1]
+    assert problems[1] == (str(tmp_path / "gone"), "no such file")
