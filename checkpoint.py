@@ -187,9 +187,9 @@ def on_cpu(obj):
 
 @contextlib.contextmanager
 def signals_held():
-    """Ctrl-C and SIGTERM wait until the block ends. torch.save stopped half-way leaves its zip
-    writer broken, and that ends in a RuntimeError instead of the interrupt the user asked for."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends. torch.save stopped half-way leaves its
+    zip writer broken, and that ends in a RuntimeError instead of the interrupt the user asked for."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     if threading.current_thread() is not threading.main_thread() or None in handlers.values():
         yield  # signals reach only the main thread; a handler set outside Python cannot be put back
         return

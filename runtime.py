@@ -148,10 +148,12 @@ def usable_workers(requested):
 
 
 def quiet_on_sigterm(worker_id=None):
-    """In a data loader worker: SIGTERM ends it at once and quietly. A signal sent to the whole
-    process group (Slurm's scancel, kill -- -PGID) reaches the workers too; killed by it, they made
-    PyTorch print a traceback while the main process was saving and saying how to resume."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    """In a data loader worker: SIGTERM (and SIGHUP) ends it at once and quietly. A signal sent to the
+    whole process group (Slurm's scancel, kill -- -PGID, a closed terminal) reaches the workers too;
+    killed by it, they made PyTorch print a traceback while the main process was saving and saying
+    how to resume."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: os._exit(0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,11 +11,12 @@ last.pth, metrics.csv, curves.png, confusion_matrix.png, per_class.csv, class_in
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: stop quietly, nothing is written yet
-    for sig in (signal.SIGINT, signal.SIGTERM):
+if __name__ == "__main__":  # Ctrl-C, SIGTERM or SIGHUP while the libraries load: stop quietly, nothing written yet
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: sys.exit(130))
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import fcntl  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -156,8 +157,9 @@ def check_args(p, args):
     for flag, value in positive.items():
         if value < 1:
             p.error(f"{flag} must be at least 1 (got {value})")
-    if args.img_size is not None and args.img_size < 32:
-        p.error(f"--img-size must be at least 32 pixels (got {args.img_size})")
+    if args.img_size is not None and not 32 <= args.img_size <= 1024:
+        # the ceiling is export.py's and the sidecar's; far above it a single image fills the memory
+        p.error(f"--img-size must be at least 32 and at most 1024 pixels (got {args.img_size})")
     if not 0 < args.val_rate < 1:
         p.error(f"--val-rate must be between 0 and 1 (got {args.val_rate})")
     if args.workers < 0:
@@ -658,14 +660,51 @@ def failed(args, done, error, advice):
     return 1
 
 
+class UnreadStream:
+    """sys.stdout or sys.stderr, turned into /dev/null once nobody reads it (`train.py | head`, a
+    closed terminal): the run goes on, its checkpoints and metrics.csv written as before. A pipe
+    closed is not a full disk, and not a reason to stop training."""
+
+    def __init__(self, stream, other=None):
+        self.stream, self.other = stream, other
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            self.gone(e)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError as e:
+            self.gone(e)
+
+    def gone(self, e):
+        if e.errno not in (errno.EPIPE, errno.EIO):  # EIO: the terminal was closed
+            raise e
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.stream.fileno())  # what is still buffered goes there too
+        os.close(null)
+        if self.other is not None:
+            print("note: nothing reads the standard output any more (a closed pipe or terminal); training goes "
+                  "on without its lines (metrics.csv in the run folder has them)", file=self.other)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def on_signal(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: last.pth stays, the resume command is printed
+    raise KeyboardInterrupt  # SIGTERM, SIGHUP (a closed terminal) as Ctrl-C: last.pth stays, the resume command shown
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     cli.speak_any_file_name()
+    sys.stderr = UnreadStream(sys.stderr)
+    sys.stdout = UnreadStream(sys.stdout, sys.stderr)
     cli.quiet_warnings()
     parser = get_args_parser()
     args = parser.parse_args()

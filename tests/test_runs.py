@@ -1,0 +1,80 @@
+"""A run's own files and what it is scored on: --eval-only on the weights a run saved, a resumed
+run on the files it started with, epochs compared on the same validation images, and runs that
+meet a dead pipe, a closed terminal or a killed loader worker. Most tests call train.main on a
+copy of the session's tiny run, in this process: a subprocess only where a real pipe or signal
+is the point."""
+import fcntl
+import os
+import shutil
+import signal
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoint
+import cli
+import my_dataset
+import train as train_script
+import utils
+from conftest import FAST, copy_digits
+from test_hostile import flag_error, make_class, png
+from test_reliability import epochs_logged, start
+
+
+def run_main(*argv):
+    """train.py's main on `argv`, in this process: its exit code (UsageError raised, not printed)."""
+    parser = train_script.get_args_parser()
+    args = parser.parse_args([str(a) for a in argv])
+    train_script.check_args(parser, args)
+    return train_script.main(args, parser)
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """(data, run folder): copies of the session's finished 2-epoch run and of its data, to change."""
+    data, run, _ = tiny_run
+    shutil.copytree(data, tmp_path / "data")
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "data", tmp_path / "run"
+
+
+def val_files(data):
+    """The validation images of the tiny run's split (--val-rate 0.2, --seed 0), relative to `data`."""
+    split = utils.read_split_data(str(data), 0.2, 0)
+    return [os.path.relpath(p, data) for p in split.val_images], split
+
+
+# ---- a killed worker, a closed pipe, a closed terminal ----------------------------------------
+
+def test_closed_pipe_and_closed_terminal(tmp_path):
+    """`train.py | head -1`, then the terminal closed (SIGHUP to the process group, loader workers
+    included): training goes on after nobody reads its output (it is not a full disk), and the
+    hang-up stops it as Ctrl-C does: exit 130, last.pth kept, the resume command on stderr."""
+    run, data = tmp_path / "run", copy_digits(tmp_path / "data", per_class=4)  # one step an epoch
+    proc = start(["--data-path", data, "--output-dir", run, *FAST, "--workers", "1", "--epochs", "50"],
+                 new_session=True)
+    assert proc.stdout.readline().startswith("EfficientNet-B0")
+    proc.stdout.close()  # the reader is gone: every later line meets a closed pipe
+    deadline = time.time() + 240
+    while not (os.path.exists(run / "metrics.csv") and len(epochs_logged(run)) >= 2):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGHUP)
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"python train.py --resume {run / 'last.pth'}" in err and "Traceback" not in err, err
+    assert "free some space" not in err and "nothing reads the standard output" in err
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] >= 2
+
+
+# ---- flags and folders ------------------------------------------------------------------------
+
+def test_img_size_is_capped_before_anything_is_made(capsys):
+    message = flag_error(["--img-size", "30000"], capsys)
+    assert "--img-size" in message and "at most 1024" in message
