@@ -57,7 +57,9 @@ def to_rgb(img):
     if img.mode in ("I", "F", *SIXTEEN_BIT):
         # 16-bit, 32-bit and float images: scale to 0-255 instead of letting convert() clip them
         pixels = np.asarray(img, dtype=np.float32)
-        top = pixels.max(initial=0.0)
+        finite = np.isfinite(pixels)
+        top = pixels.max(initial=0.0, where=finite)  # a NaN (no data) must not set the scale of the rest
+        pixels = np.where(finite, pixels, 0.0) if not finite.all() else pixels
         if img.mode in SIXTEEN_BIT:
             pixels = pixels / 257.0  # the full 16-bit range, as an image viewer shows it
         elif img.mode == "F" and top <= 1.0:

@@ -78,3 +78,42 @@ def test_closed_pipe_and_closed_terminal(tmp_path):
 def test_img_size_is_capped_before_anything_is_made(capsys):
     message = flag_error(["--img-size", "30000"], capsys)
     assert "--img-size" in message and "at most 1024" in message
+
+
+def test_images_beside_the_class_folders_are_named(tmp_path, capsys):
+    root = tmp_path / "data"
+    make_class(root / "a", 3)
+    make_class(root / "b", 3, value=9)
+    png(root / "stray1.png")
+    png(root / "STRAY2.PNG")
+    split = utils.read_split_data(str(root), 0.3, seed=0)
+    assert len(split.train_images + split.val_images) == 6
+    err = capsys.readouterr().err
+    assert err.count(f"2 image file(s) directly in {root} are not in a class folder; left out") == 1
+
+
+def test_hard_links_to_one_file_count_once(tmp_path):
+    """Two hard links to one image in a class (as copies made with cp -l are): one image, the other
+    named; symbolic links were counted once already."""
+    root = tmp_path / "data"
+    make_class(root / "a", 3)
+    make_class(root / "b", 3, value=9)
+    os.link(root / "a" / "0.png", root / "a" / "z.png")
+    os.link(root / "a" / "1.png", root / "b" / "z.png")  # in another class: the first class keeps it
+    split = utils.read_split_data(str(root), 0.3, seed=0)
+    images = split.train_images + split.val_images
+    assert len(images) == 6 and not any(p.endswith("z.png") for p in images)
+    why = dict(split.broken)
+    assert why[str(root / "a" / "z.png")] == f"the same file as {root / 'a' / '0.png'}; counted once"
+    assert str(root / "b" / "z.png") in why
+
+
+def test_float_tiff_with_nan_pixels_decodes_the_others(tmp_path):
+    """NaN (no data) pixels in a float TIFF become black; the others keep their scale (0.5 is mid
+    grey, not 0), without a numpy warning that names no file."""
+    path = tmp_path / "nan.tif"
+    Image.fromarray(np.array([[np.nan, 0.5], [1.0, 0.25]], dtype=np.float32), "F").save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels = np.asarray(my_dataset.load_rgb(str(path)))[..., 0]
+    assert pixels.tolist() == [[0, 128], [255, 64]]
