@@ -8,8 +8,9 @@ written and read.
 Both files are dicts of plain types, so `torch.load(weights_only=True)` opens them:
 
     best.pth  {"model": state_dict, "meta": META, "epoch": int, "val_top1": float}
-    last.pth  {"model", "meta", "epoch", "best_top1", "history", "best_confusion", "best_predictions",
-               "optimizer", "scheduler", "scaler", "ema", "rng"}: everything --resume needs
+    last.pth  {"model", "meta", "epoch", "best_top1", "best_epoch", "history", "best_confusion",
+               "best_predictions", "split", "optimizer", "scheduler", "scaler", "ema", "rng"}:
+               everything --resume needs (files written before "best_epoch" and "split" existed lack them)
 
 META describes the model so that predict.py needs nothing but the file: "format" (FORMAT below),
 "variant", "classes", "img_size", "bn_eps", "mean", "std", "interpolation", "eval_resize",
@@ -135,10 +136,45 @@ def save_best(path, model, meta, epoch, val_top1):
 
 
 def new_progress():
-    """Where a run stands, as last.pth keeps it: the last finished epoch, the best val top-1 so far,
-    the metrics of each epoch, and the best epoch's confusion matrix and per-image predictions
-    (utils.evaluate's "predictions"; None in runs saved before they were kept)."""
-    return {"epoch": 0, "best_top1": -1.0, "history": [], "best_confusion": None, "best_predictions": None}
+    """Where a run stands, as last.pth keeps it: the last finished epoch, the best val top-1 so far
+    and its epoch, the metrics of each epoch, the best epoch's confusion matrix and per-image
+    predictions (utils.evaluate's "predictions", indices into the split's validation images), and
+    the split itself (pack_split). None where a run saved before these were kept lacks them."""
+    return {"epoch": 0, "best_top1": -1.0, "best_epoch": None, "history": [], "best_confusion": None,
+            "best_predictions": None, "split": None}
+
+
+def pack_split(root, train_images, train_labels, val_images, val_labels):
+    """The run's training and validation files as last.pth keeps them, so that a resumed run goes
+    on with the same ones whatever the folder holds by then: paths relative to the data folder
+    `root` (the data may move), NUL-separated UTF-8 bytes (names that are not UTF-8 keep their
+    bytes), and the labels as tensors. A million paths take a tenth of a second and ~40 MB."""
+    prefix = os.path.join(root, "")
+
+    def pack(paths):
+        relative = (p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p in paths)
+        return "\0".join(relative).encode("utf-8", "surrogateescape")
+
+    return {"train": pack(train_images), "train_labels": torch.as_tensor(train_labels, dtype=torch.int64),
+            "val": pack(val_images), "val_labels": torch.as_tensor(val_labels, dtype=torch.int64)}
+
+
+def unpack_split(packed, root, where="last.pth"):
+    """(train_images, train_labels, val_images, val_labels) of pack_split, the paths under `root`;
+    WeightsError when the record is not one (the file came from elsewhere)."""
+    try:
+        out = []
+        for part in ("train", "val"):
+            data, labels = packed[part], packed[f"{part}_labels"]
+            paths = [os.path.join(root, p) for p in data.decode("utf-8", "surrogateescape").split("\0")] if data else []
+            labels = labels.tolist()
+            if len(paths) != len(labels) or not all(type(v) is int and v >= 0 for v in labels):
+                raise ValueError
+            out += [paths, labels]
+        return tuple(out)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise WeightsError(f"--resume: {where} holds a damaged record of the run's training and validation "
+                           "files; it cannot be resumed as it was") from None
 
 
 def save_last(path, model, meta, progress, optimizer, scheduler, scaler, ema, rng):

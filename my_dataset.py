@@ -12,6 +12,7 @@ seed alone (so a resumed run draws what an uninterrupted one would), and the loa
 """
 import contextlib
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -115,13 +116,21 @@ class PackedPaths:
         return self.data[start:end].decode("utf-8", "surrogateescape")
 
 
+def warned_flags(slots=1 << 20):
+    """One flag per hash of a file name, in shared memory: the files named unreadable already, by
+    any dataset given the same flags and by any of their loader workers (each of which has its own
+    copy of everything else). A file is then named once, not once per worker, loader and epoch.
+    Two unreadable files that share a slot (one in a million) are named once between them."""
+    return torch.zeros(slots, dtype=torch.uint8).share_memory_()
+
+
 class MyDataSet(Dataset):
-    def __init__(self, images_path, images_class, transform=None, draft_size=None):
+    def __init__(self, images_path, images_class, transform=None, draft_size=None, warned=None):
         self.images_path = PackedPaths(images_path)
         self.images_class = torch.as_tensor(list(images_class), dtype=torch.int64)
         self.transform = transform
         self.draft_size = draft_size
-        self.warned = set()  # unreadable files this process has named already
+        self.warned = warned_flags() if warned is None else warned
 
     def __len__(self):
         return len(self.images_path)
@@ -135,8 +144,9 @@ class MyDataSet(Dataset):
         try:
             img = load_rgb(path, self.draft_size)
         except Exception as e:  # broken, truncated or gone since the folder was listed
-            if path not in self.warned:
-                self.warned.add(path)
+            slot = zlib.crc32(path.encode("utf-8", "surrogateescape")) % len(self.warned)
+            if not self.warned[slot]:
+                self.warned[slot] = 1
                 print(printable(f"warning: skipping unreadable image {path}: {e}"), file=sys.stderr)
             return None
         if self.transform is not None:

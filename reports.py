@@ -124,13 +124,15 @@ def save_figure(fig, path):
     pyplot().close(fig)
 
 
-def plot_curves(history, path, num_classes):
-    """Loss, accuracy and learning rate per epoch, the best epoch marked; top-5 only where it says
-    something (more than 5 classes, and not 1.0 throughout); the accuracy axis spans the values
-    drawn, so the epochs that matter are not squashed against the top."""
+def plot_curves(history, path, num_classes, best_epoch=None):
+    """Loss, accuracy and learning rate per epoch, the best epoch (best.pth's) marked; top-5 only
+    where it says something (more than 5 classes, and not 1.0 throughout); the accuracy axis spans
+    the values drawn, so the epochs that matter are not squashed against the top. An epoch that
+    read no validation image has NaN there."""
     plt = pyplot()
     epochs = [row["epoch"] for row in history]
-    best = max(history, key=lambda r: r["val_top1"])  # the first of equals, as best.pth keeps it
+    best = next((r for r in history if r["epoch"] == best_epoch), None) or max(
+        history, key=lambda r: r["val_top1"] if r["val_top1"] == r["val_top1"] else -1)  # the first of equals
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.9))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
@@ -144,7 +146,7 @@ def plot_curves(history, path, num_classes):
         drawn += [r["val_top5"] for r in history]
     ax_acc.plot([best["epoch"]], [best["val_top1"]], "*", color="crimson", markersize=14,
                 label=f"best: epoch {best['epoch']}, {best['val_top1']:.3f}")
-    low = max(0.0, math.floor((min(drawn) - 0.02) * 20) / 20)  # down to a multiple of 0.05
+    low = max(0.0, math.floor((min([v for v in drawn if v == v] or [0.0]) - 0.02) * 20) / 20)  # to a multiple of 0.05
     ax_acc.set(title="validation accuracy", xlabel="epoch", ylim=(low, 1.005 + (1 - low) * 0.02))
     ax_lr.plot(epochs, [r["lr"] for r in history], "o-")
     ax_lr.set(title="learning rate (end of epoch)", xlabel="epoch")

@@ -262,21 +262,31 @@ def resume_args(args, parser):
 Data = namedtuple("Data", "split train_loader val_loader train_sampler bn_loader check")
 
 
-def build_data(args, device):
+def build_data(args, device, stored=None):
     """The split of --data-path and its loaders; under torchrun each process gets its own part.
-    The folder is read once, by rank 0; the headers of a large one are checked in the background."""
+    The folder is read once, by rank 0; the headers of a large one are checked in the background.
+    `stored`: the split a resumed run started with (checkpoint.pack_split), kept whatever the
+    folder holds now."""
     rank, world = runtime.rank(), runtime.world_size()
     variant = VARIANTS[args.model]
-    split = runtime.on_rank0(lambda: utils.read_split_data(args.data_path, args.val_rate, args.seed))
+
+    kept = None if stored is None else checkpoint.unpack_split(stored, args.data_path, args.resume)
+
+    def read():
+        now = utils.read_split_data(args.data_path, args.val_rate, args.seed)
+        # a new run, or one saved before last.pth kept its split, splits the folder as it is now
+        return now if kept is None else utils.reuse_split(now, args.data_path, *kept)
+    split = runtime.on_rank0(read)
     check = utils.BackgroundCheck(split.unchecked) if split.unchecked and rank == 0 else None
-    train_set = my_dataset.MyDataSet(split.train_images, split.train_labels,
+    warned = my_dataset.warned_flags()  # an unreadable file is named once, whichever loader meets it
+    train_set = my_dataset.MyDataSet(split.train_images, split.train_labels, warned=warned,
                           draft_size=transforms.train_draft_size(args.img_size, args.crop_scale[0]),
                           transform=transforms.build_transform(
                               variant, args.img_size, train=True, scale=tuple(args.crop_scale),
                               hflip=not args.no_hflip, auto_augment=args.auto_augment,
                               ra_magnitude=args.ra_magnitude, random_erase=args.random_erase))
     # validation decodes and resizes as predict.py does, so both see the same pixels
-    val_set = my_dataset.MyDataSet(split.val_images, split.val_labels,
+    val_set = my_dataset.MyDataSet(split.val_images, split.val_labels, warned=warned,
                         draft_size=transforms.eval_draft_size(variant.eval_sizes(args.img_size)[0]),
                         transform=transforms.build_transform(variant, args.img_size, train=False))
     # every validation image is evaluated exactly once across ranks: no padding, no duplicates
@@ -295,7 +305,7 @@ def build_data(args, device):
         share = max(min(args.precise_bn, len(sample)) // world, 1)  # the same number of batches on every rank
         sample = sample[rank * share:(rank + 1) * share].tolist()
         bn_set = my_dataset.MyDataSet([split.train_images[i] for i in sample], [split.train_labels[i] for i in sample],
-                           val_set.transform, val_set.draft_size)
+                           val_set.transform, val_set.draft_size, warned)
         bn_loader = my_dataset.make_loader(bn_set, args.batch_size, False, workers, device)
     return Data(split, my_dataset.make_loader(train_set, args.batch_size, True, workers, device, train_sampler),
                 my_dataset.make_loader(val_part, args.batch_size, False, workers, device), train_sampler, bn_loader,
@@ -501,7 +511,7 @@ def main(args, parser):
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
 
-    data = build_data(args, device)
+    data = build_data(args, device, ckpt and ckpt.get("split"))
     classes = data.split.classes
     if ckpt is not None and ckpt["meta"]["classes"] != classes:
         raise cli.DataError(f"--resume: {args.data_path} has classes {classes}, but the run was trained on "
@@ -510,6 +520,8 @@ def main(args, parser):
     if args.eval_only:
         return evaluate_only(args, models, data, device)
     optimization, progress = build_optimization(args, models, len(data.train_loader), device, ckpt)
+    progress["split"] = checkpoint.pack_split(args.data_path, data.split.train_images, data.split.train_labels,
+                                              data.split.val_images, data.split.val_labels)
     meta = checkpoint.make_meta(args, classes, VARIANTS[args.model], models.raw.bn_eps)
     save = lambda: save_last(args, models, meta, progress, optimization)  # noqa: E731
     if rank == 0:
@@ -558,16 +570,23 @@ def fit(args, models, data, optimization, progress, meta, device):
                 runtime.broadcast_buffers(models.eval)
             utils.check_finite(models.raw, epoch)
             result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last, is_main)
-            if not math.isfinite(result["val_loss"]):
+            read = int(result["confusion"].sum())  # the validation images that could be read
+            if read and not math.isfinite(result["val_loss"]):
                 raise utils.NonFiniteLossError(f"the validation loss became {result['val_loss']} in epoch {epoch}")
             row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
-                   **{k: result[k] for k in ("val_loss", "val_top1", "val_top5")},
+                   **{k: result[k] if read else math.nan for k in ("val_loss", "val_top1", "val_top5")},
                    "epoch_seconds": time.perf_counter() - start, "images_per_second": rate}
             progress["history"].append(row)
             problem = reports.learning_problem(result["confusion"], classes)
             stuck = stuck + 1 if problem else 0
-            if result["val_top1"] > progress["best_top1"]:
-                progress.update(best_top1=result["val_top1"], best_confusion=result["confusion"],
+            better = read and result["val_top1"] > progress["best_top1"]
+            if better and not read_as_many(result, progress):
+                better = False
+                runtime.print0(f"  note: top-1 {result['val_top1']:.4f} is over the {read} validation images that "
+                               f"could be read; best.pth (epoch {progress['best_epoch']}) was scored on more of them, "
+                               "so it stays", file=sys.stderr)
+            if better:
+                progress.update(best_top1=result["val_top1"], best_epoch=epoch, best_confusion=result["confusion"],
                                 best_predictions=result["predictions"])
                 if is_main:
                     plain = models.raw if models.ema is None else models.ema.module
@@ -577,10 +596,16 @@ def fit(args, models, data, optimization, progress, meta, device):
             done = epoch
             if is_main:
                 reports.write_metrics(out("metrics.csv"), progress["history"])
-                reports.plot_curves(progress["history"], out("curves.png"), len(classes))
+                reports.plot_curves(progress["history"], out("curves.png"), len(classes), progress["best_epoch"])
                 if not os.path.exists(out("class_distribution.png")):  # drawn here, not before the first step
                     reports.plot_class_distribution(data.split, out("class_distribution.png"))
+            if not read:  # this epoch's training is kept; what is there to validate on must be fixed first
+                return failed(args, done, f"no validation image could be read in epoch {epoch} (named above)",
+                              f"check the files under {args.data_path}, then resume with: {resume_command(args)}")
             runtime.print0(epoch_line(args, row, progress["history"], len(classes), problem if stuck >= 2 else None))
+            if read < len(data.split.val_images):
+                runtime.print0(f"  {len(data.split.val_images) - read} of {len(data.split.val_images)} validation "
+                               "images could not be read (named above); top-1 is over the others")
             if imbalanced:
                 runtime.print0("  " + reports.recall_line(result["confusion"], classes))
             if data.check is not None:  # a large folder's headers, read while this epoch ran
@@ -596,7 +621,23 @@ def fit(args, models, data, optimization, progress, meta, device):
     except OSError as e:  # a full disk, a folder that went away: the files written before are whole
         return failed(args, done, f"cannot write {e.filename or 'to ' + args.output_dir} ({e.strerror})",
                       f"free some space, then resume with: {resume_command(args)}")
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        # "DataLoader worker (pid 123) is killed by signal: Killed.": the out-of-memory killer, most often
+        return failed(args, done, f"a data loader worker died in epoch {done + 1} (\"{str(e).splitlines()[0]}\"); "
+                      "out of memory?", f"resume with fewer --workers: {resume_command(args)} --workers "
+                      f"{args.workers // 2}")
     return 0
+
+
+def read_as_many(result, progress):
+    """Whether this epoch's validation read every image that the best epoch's did. Files gone or
+    broken since would leave an easier, smaller set: its top-1 cannot be weighed against best.pth's."""
+    best = progress["best_predictions"]
+    if best is None or "predictions" not in result:  # no best yet, or one saved before predictions were kept
+        return progress["best_confusion"] is None or result["confusion"].sum() >= progress["best_confusion"].sum()
+    return set(best["index"].tolist()) <= set(result["predictions"]["index"].tolist())
 
 
 def epoch_line(args, row, history, num_classes, problem):
@@ -617,11 +658,16 @@ def finish(args, progress, split):
     best, confusion = progress["best_top1"], progress["best_confusion"]
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
     if runtime.rank() == 0 and confusion is not None:
-        best_epoch = next(r["epoch"] for r in progress["history"] if r["val_top1"] == best)
+        best_epoch = progress["best_epoch"] or next(r["epoch"] for r in progress["history"] if r["val_top1"] == best)
         reports.plot_confusion(confusion, classes, out("confusion_matrix.png"),
                              f"validation, epoch {best_epoch} (best.pth): top-1 {best:.4f}")
         reports.write_per_class(out("per_class.csv"), confusion, classes)
-        if progress["best_predictions"] is not None:
+        predictions = progress["best_predictions"]
+        if predictions is not None and predictions["index"].ge(len(split.val_images)).any():
+            # resumed from a last.pth saved before it kept the split, and the folder has changed since
+            runtime.print0("note: predictions.csv and mistakes.png not written: the validation files have changed "
+                           "since the best epoch", file=sys.stderr)
+        elif predictions is not None:
             runtime.print0(reports.write_mistakes(args.output_dir, progress["best_predictions"], split,
                                               f"validation, epoch {best_epoch} (best.pth)"))
     runtime.print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")

@@ -264,6 +264,26 @@ def read_split_data(root, val_rate=0.2, seed=0, check_at_start=None):
     return out
 
 
+def reuse_split(now, root, train_images, train_labels, val_images, val_labels):
+    """The split a resumed run started with (its lists, from last.pth), whatever `root` holds now
+    (`now`, the Split that read_split_data finds there): a file added since is not used, and one
+    gone since stays in its place, named here and skipped by the loader. No image trained on moves
+    into validation, and indices into the validation list (predictions.csv) keep their files."""
+    if max(train_labels + val_labels, default=0) >= len(now.classes):
+        raise DataError(f"{root} has {len(now.classes)} classes, fewer than the run was trained on; resume with "
+                        "the same data or start a new run")
+    usable, stored = set(now.train_images) | set(now.val_images), set(train_images) | set(val_images)
+    gone = len(stored - usable - {p for p, _ in now.broken})  # the broken ones are named already
+    added = len(usable - stored)
+    if gone:
+        print(f"warning: {gone} file(s) the run was started with are gone from {root}; the run goes on "
+              "without them (each is named when it is met)", file=sys.stderr)
+    if added:
+        print(f"note: {added} image file(s) added to {root} since the run started are not used: a resumed run "
+              "keeps its training and validation files (a new run would use them)", file=sys.stderr)
+    return Split(train_images, train_labels, val_images, val_labels, now.classes, now.broken, now.unchecked)
+
+
 def drop_files(split, bad, folders):
     """The split without the files in `bad`; a class left with no files at all is skipped."""
     kept = {}

@@ -48,7 +48,74 @@ def val_files(data):
     return [os.path.relpath(p, data) for p in split.val_images], split
 
 
+# ---- resumed runs -----------------------------------------------------------------------------
+
+def test_resume_keeps_its_split_and_compares_epochs_on_the_same_images(run_copy, monkeypatch, capsys):
+    """Files change between two sessions of a run: four validation images and a training image go,
+    a new image comes. The resumed run goes on with the files it started with (the new one unused,
+    no training image moved into validation, predictions.csv still naming its own files), names the
+    missing training image once, and an epoch that could read 2 of the 6 validation images does not
+    replace best.pth, even where it scores 1.0 on them."""
+    data, run = run_copy
+    val, split = val_files(data)
+    best_before = torch.load(run / "best.pth", weights_only=True)
+    for name in val[:4]:
+        os.remove(data / name)
+    gone_train = split.train_images[-1]
+    os.remove(gone_train)
+    shutil.copy(split.train_images[0], data / "0" / "new.png")
+    evaluate = utils.evaluate
+    monkeypatch.setattr(utils, "evaluate", lambda *a, **k: dict(evaluate(*a, **k), val_top1=1.0))
+
+    assert run_main("--resume", run / "last.pth", "--epochs", "3", "--data-path", data) == 0
+    out, err = capsys.readouterr()
+    assert "note: 1 image file(s) added to" in err and "5 file(s) the run was started with are gone" in err
+    assert err.count(f"skipping unreadable image {gone_train}") == 1  # the training and BatchNorm loaders met it
+    assert "4 of 6 validation images could not be read" in out and "was scored on more of them, so it stays" in err
+    best = torch.load(run / "best.pth", weights_only=True)
+    assert (best["epoch"], best["val_top1"]) == (best_before["epoch"], best_before["val_top1"])
+    assert f"done: best val top-1 {best_before['val_top1']:.4f}" in out
+    last = torch.load(run / "last.pth", weights_only=True)
+    train, _, kept_val, _ = checkpoint.unpack_split(last["split"], str(data))
+    assert [os.path.relpath(p, data) for p in kept_val] == val
+    assert [os.path.basename(p) for p in train] == [os.path.basename(p) for p in split.train_images]
+    rows = (run / "predictions.csv").read_text().splitlines()[1:]
+    assert sorted(os.path.relpath(r.split(",")[0], data) for r in rows) == sorted(val)
+
+
+def test_no_readable_validation_image_stops_with_the_resume_command(run_copy, capsys):
+    """Every validation image truncated after its header: the epoch's training is saved, and the run
+    stops with one line that says so and how to resume (exit 1), not with a KeyError traceback (in
+    a first epoch) or as if all were well (in a later one)."""
+    data, run = run_copy
+    for name in val_files(data)[0]:
+        whole = (data / name).read_bytes()
+        (data / name).write_bytes(whole[: len(whole) // 2])
+    assert run_main("--resume", run / "last.pth", "--epochs", "3", "--data-path", data) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: no validation image could be read in epoch 3"), line
+    assert "last.pth holds epoch 3" in line and f"python train.py --resume {run / 'last.pth'}" in line
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 3 and epochs_logged(run) == [1, 2, 3]
+
+
 # ---- a killed worker, a closed pipe, a closed terminal ----------------------------------------
+
+def test_killed_loader_worker_stops_with_the_resume_command(run_copy, monkeypatch, capsys):
+    """A data loader worker killed (SIGKILL, as the out-of-memory killer sends it): one line naming
+    it, what last.pth holds and how to resume with fewer workers; exit 1."""
+    data, run = run_copy
+    here, load = os.getpid(), my_dataset.load_rgb
+
+    def killed_in_a_worker(*args, **kwargs):
+        if os.getpid() != here:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return load(*args, **kwargs)
+    monkeypatch.setattr(my_dataset, "load_rgb", killed_in_a_worker)
+    assert run_main("--resume", run / "last.pth", "--epochs", "3", "--data-path", data, "--workers", "1") == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith('error: a data loader worker died in epoch 3 ("DataLoader worker (pid'), line
+    assert "last.pth holds epoch 2" in line and "--workers 0" in line and "python train.py --resume" in line
+
 
 def test_closed_pipe_and_closed_terminal(tmp_path):
     """`train.py | head -1`, then the terminal closed (SIGHUP to the process group, loader workers
