@@ -252,6 +252,9 @@ def resume_args(args, parser):
     restored = argparse.Namespace(**{**defaults, **ckpt["meta"]["args"], **given})
     restored.output_dir = os.path.dirname(path) or "."  # as the user wrote it: messages show the same path
     restored.resume, restored.eval_only = path, args.eval_only
+    if args.eval_only:  # evaluating the run, not continuing it: where to write and how are this command's
+        restored.output_dir = args.output_dir if args.resume else None
+        restored.tta, restored.exist_ok = args.tta, args.exist_ok
     changed = [f"--{k.replace('_', '-')} {v} (was {ckpt['meta']['args'].get(k)})" for k, v in given.items()
                if k in ("lr", "clip_grad", "amp") and v != ckpt["meta"]["args"].get(k)]
     if changed:
@@ -439,26 +442,98 @@ def build_optimization(args, models, batches_per_epoch, device, ckpt):
 
 def evaluate_only(args, models, data, device):
     """--eval-only: the metrics, each class's figures, and predictions.csv and mistakes.png in
-    --output-dir (default: the folder of the weights evaluated)."""
-    classes = data.split.classes
+    --output-dir (default: a new folder eval, eval-2, ... beside the weights evaluated)."""
+    classes, weights = data.split.classes, args.weights or args.resume
+    folder = runtime.on_rank0(lambda: eval_folder(args, weights))  # before the work: a refusal comes first
     tta = args.tta and not trained_without_flips(args)
-    result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last,
-                            runtime.rank() == 0, tta=tta)
-    runtime.print0(f"{len(data.split.val_images)} validation images{' (--tta: with their mirror images)' if tta else ''}: "
-                 f"loss {result['val_loss']:.4f}  top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}")
+    try:
+        result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last,
+                                runtime.rank() == 0, tta=tta)
+    except BaseException:
+        if folder and args.output_dir is None and runtime.rank() == 0:
+            try:
+                os.rmdir(folder)  # made for this evaluation, and still empty
+            except OSError:
+                pass
+        raise
+    read, total = int(result["confusion"].sum()), len(data.split.val_images)
+    if not read:
+        runtime.print0(f"error: none of the {total} validation images could be read (named above); nothing to "
+                       "evaluate", file=sys.stderr)
+        return 1
+    runtime.print0(f"{read if read == total else f'{read} of {total} (the others unreadable)'} validation images"
+                   f"{' (--tta: with their mirror images)' if tta else ''}: "
+                   f"loss {result['val_loss']:.4f}  top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}")
     for row in reports.per_class_rows(result["confusion"], classes):
         runtime.print0(f"  {cli.printable(row['class']):>20}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
                      f"f1 {row['f1']:.3f}  support {row['support']}")
-    if runtime.rank() == 0:
-        folder = args.output_dir or os.path.dirname(os.path.abspath(args.weights or args.resume))
+    if runtime.rank() == 0 and folder:
         try:
-            os.makedirs(folder, exist_ok=True)
-            runtime.print0(reports.write_mistakes(folder, result["predictions"], data.split, "validation, "
-                                              f"{os.path.basename(args.weights or args.resume)}"))
+            runtime.print0(f"{folder}: " + reports.write_mistakes(folder, result["predictions"], data.split,
+                                                                  f"validation, {os.path.basename(weights)}"))
         except OSError as e:
             runtime.print0(f"warning: cannot write predictions.csv and mistakes.png to {folder} ({e.strerror}); "
                          "name a writable folder with --output-dir", file=sys.stderr)
     return 0
+
+
+def eval_folder(args, weights):
+    """Where --eval-only writes, checked and made: --output-dir, or else a new folder eval (then
+    eval-2, ...) in the weights' folder, so that the run's own predictions.csv and mistakes.png stay
+    as training wrote them. The folder is locked first, as training locks a run's; files there from
+    before are replaced only with --exist-ok. None (with a warning) where nothing can be written."""
+    try:
+        if args.output_dir is None:
+            base = os.path.join(os.path.dirname(weights) or ".", "eval")
+            for n in range(1, 1_000_000):
+                folder = base if n == 1 else f"{base}-{n}"
+                try:
+                    os.mkdir(folder)
+                    return folder
+                except FileExistsError:
+                    continue
+        folder = args.output_dir
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        runtime.print0(f"warning: cannot write predictions.csv and mistakes.png to {e.filename or folder} "
+                       f"({e.strerror}); name a writable folder with --output-dir", file=sys.stderr)
+        return None
+    lock_run_dir(folder)  # a run folder: not while train.py writes to it
+    there = [name for name in ("predictions.csv", "mistakes.png") if os.path.exists(os.path.join(folder, name))]
+    if there and not args.exist_ok:
+        raise cli.UsageError(f"--output-dir {folder} already holds {' and '.join(there)}: choose another folder "
+                             "(without --output-dir: a new one beside the weights), or pass --exist-ok to replace them")
+    return folder
+
+
+def trained_as(args, parser):
+    """--eval-only --weights FILE, FILE a checkpoint of this repo: its META (else {}), and from it
+    what evaluating it needs unless given now: its image size, and the --seed and --val-rate of
+    its split, so that its validation images are the ones evaluated."""
+    if not os.path.isfile(args.weights):
+        return {}
+    meta = checkpoint.read_meta(checkpoint.load_checkpoint(args.weights), args.weights)
+    if not meta:
+        return {}
+    trained = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    fields = {"img_size": (meta.get("img_size"), lambda v: type(v) is int and 32 <= v <= 1024),
+              "classes": (meta.get("classes"), lambda v: isinstance(v, list) and len(v) >= 2
+                          and all(isinstance(c, str) for c in v)),
+              "seed": (trained.get("seed", args.seed), lambda v: type(v) is int and 0 <= v < 2**32),
+              "val_rate": (trained.get("val_rate", args.val_rate), lambda v: type(v) is float and 0 < v < 1)}
+    for name, (value, valid) in fields.items():
+        if not valid(value):
+            raise WeightsError(f"{args.weights}: its metadata field {name} is not usable ({str(value)[:60]}); "
+                               "it is not a checkpoint as train.py writes them")
+    if args.img_size is None:
+        args.img_size = meta["img_size"]
+    elif args.img_size != meta["img_size"]:
+        runtime.print0(f"note: evaluating at --img-size {args.img_size}; {args.weights} was trained at "
+                       f"{meta['img_size']} px", file=sys.stderr)
+    for flag in ("seed", "val_rate"):
+        if getattr(args, flag) == parser.get_default(flag):
+            setattr(args, flag, fields[flag][0])
+    return meta
 
 
 def trained_without_flips(args):
@@ -501,6 +576,7 @@ def main(args, parser):
     ckpt = None
     if args.resume is not None:
         args, ckpt = resume_args(args, parser)
+    trained = trained_as(args, parser) if args.eval_only and ckpt is None else {}
     set_defaults(args)
     # the device first (--device may come from the resumed run): it decides torchrun's backend
     device = runtime.choose_device(args.device, *runtime.torchrun_local())
@@ -516,8 +592,13 @@ def main(args, parser):
     if ckpt is not None and ckpt["meta"]["classes"] != classes:
         raise cli.DataError(f"--resume: {args.data_path} has classes {classes}, but the run was trained on "
                               f"{ckpt['meta']['classes']}; resume with the same data or start a new run")
+    if trained.get("classes", classes) != classes:  # a fresh classifier would be scored: chance, not the model
+        raise cli.DataError(f"--eval-only: {args.data_path} has classes {classes}, but {args.weights} was trained "
+                            f"on {trained['classes']}; evaluate it on data with the same class folders")
     models = build_model(args, len(classes), ckpt, device)
     if args.eval_only:
+        if ckpt is not None and models.ema is not None and ckpt.get("ema"):
+            models.ema.load_state_dict(ckpt["ema"])  # what the run evaluated, and saved as best.pth
         return evaluate_only(args, models, data, device)
     optimization, progress = build_optimization(args, models, len(data.train_loader), device, ckpt)
     progress["split"] = checkpoint.pack_split(args.data_path, data.split.train_images, data.split.train_labels,

@@ -48,6 +48,52 @@ def val_files(data):
     return [os.path.relpath(p, data) for p in split.val_images], split
 
 
+# ---- --eval-only ------------------------------------------------------------------------------
+
+def test_eval_only_resume_scores_the_ema_and_leaves_the_run_as_it_was(run_copy, tmp_path, capsys):
+    """--eval-only --resume last.pth scores the EMA weights the run scored (its last epoch's loss),
+    writes to a new folder eval/ (then eval-2/, ...) in the run, never over the run's own
+    predictions.csv, honours --output-dir, and writes into a run folder only when no train.py
+    holds it and with --exist-ok."""
+    data, run = run_copy
+    last = torch.load(run / "last.pth", weights_only=True)
+    own = (run / "predictions.csv").read_bytes()
+    assert run_main("--eval-only", "--resume", run / "last.pth", "--workers", "0") == 0
+    assert f"loss {last['history'][-1]['val_loss']:.4f}  top-1 {last['history'][-1]['val_top1']:.4f}" \
+        in capsys.readouterr().out
+    assert (run / "predictions.csv").read_bytes() == own
+    assert (run / "eval" / "predictions.csv").exists()
+    assert run_main("--eval-only", "--resume", run / "last.pth", "--workers", "0", "--output-dir",
+                    tmp_path / "mine") == 0
+    assert (tmp_path / "mine" / "predictions.csv").exists()
+
+    training = os.open(run, os.O_RDONLY | os.O_DIRECTORY)  # as a train.py still writing the run holds it
+    fcntl.flock(training, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(cli.UsageError, match="another train.py is writing to"):
+            run_main("--eval-only", "--resume", run / "last.pth", "--workers", "0", "--output-dir", run, "--exist-ok")
+    finally:
+        os.close(training)
+    with pytest.raises(cli.UsageError, match="already holds predictions.csv and mistakes.png: .* --exist-ok"):
+        run_main("--eval-only", "--resume", run / "last.pth", "--workers", "0", "--output-dir", run)
+    assert (run / "predictions.csv").read_bytes() == own
+
+
+def test_eval_only_weights_takes_size_and_classes_from_the_checkpoint(run_copy, tmp_path, capsys):
+    """A 32 px best.pth is scored at 32 px without --img-size (its epoch's loss and top-1, not a
+    224 px guess), and data whose class folders differ from the checkpoint's is refused."""
+    data, run = run_copy
+    best = torch.load(run / "best.pth", weights_only=True)
+    row = torch.load(run / "last.pth", weights_only=True)["history"][best["epoch"] - 1]
+    assert run_main("--eval-only", "--weights", run / "best.pth", "--data-path", data, "--workers", "0",
+                    "--output-dir", tmp_path / "e") == 0
+    assert f"loss {row['val_loss']:.4f}  top-1 {best['val_top1']:.4f}" in capsys.readouterr().out
+    os.rename(data / "2", data / "two")
+    with pytest.raises(cli.DataError, match=r"has classes \['0', '1', 'two'\], but .*best.pth was trained on"):
+        run_main("--eval-only", "--weights", run / "best.pth", "--data-path", data, "--workers", "0",
+                 "--output-dir", tmp_path / "e2")
+
+
 # ---- resumed runs -----------------------------------------------------------------------------
 
 def test_resume_keeps_its_split_and_compares_epochs_on_the_same_images(run_copy, monkeypatch, capsys):

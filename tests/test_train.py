@@ -108,17 +108,19 @@ def test_finetune_from_torchvision_file_with_other_class_count(tiny_data, tmp_pa
 
 
 def test_eval_only_reports_and_writes_only_its_predictions(tiny_data, tmp_path):
-    """--eval-only evaluates a checkpoint on the validation split; beside the weights it writes
-    predictions.csv and mistakes.png (as the run did), nothing else, and no run folder."""
+    """--eval-only evaluates a checkpoint on the validation split; it writes predictions.csv and
+    mistakes.png into a new folder eval/ beside the weights (the run's own stay as they were),
+    nothing else, and no run folder."""
     out = tmp_path / "run"
     run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--epochs", "1")
     best = torch.load(out / "best.pth", weights_only=True)
     files = sorted(os.listdir(out))
-    assert "predictions.csv" in files
+    own = (out / "predictions.csv").read_bytes()
     result = run_script("train.py", "--data-path", tiny_data, *FAST, "--weights", out / "best.pth",
                         "--eval-only", cwd=tmp_path)
     assert f"top-1 {best['val_top1']:.4f}" in result.stdout
-    assert sorted(os.listdir(out)) == files and not (tmp_path / "weights").exists()
+    assert sorted(os.listdir(out)) == sorted(files + ["eval"]) and not (tmp_path / "weights").exists()
+    assert (out / "predictions.csv").read_bytes() == own and (out / "eval" / "predictions.csv").exists()
 
 
 def test_ema_weights_are_saved_and_resume(tiny_data, tmp_path):
