@@ -446,18 +446,22 @@ def evaluate_only(args, models, data, device):
     classes, weights = data.split.classes, args.weights or args.resume
     folder = runtime.on_rank0(lambda: eval_folder(args, weights))  # before the work: a refusal comes first
     tta = args.tta and not trained_without_flips(args)
+
+    def unmake():  # the folder made for this evaluation, still empty: nothing is left behind
+        if folder and args.output_dir is None and runtime.rank() == 0:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
     try:
         result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last,
                                 runtime.rank() == 0, tta=tta)
     except BaseException:
-        if folder and args.output_dir is None and runtime.rank() == 0:
-            try:
-                os.rmdir(folder)  # made for this evaluation, and still empty
-            except OSError:
-                pass
+        unmake()
         raise
     read, total = int(result["confusion"].sum()), len(data.split.val_images)
     if not read:
+        unmake()
         runtime.print0(f"error: none of the {total} validation images could be read (named above); nothing to "
                        "evaluate", file=sys.stderr)
         return 1

@@ -138,7 +138,7 @@ def start_train(monkeypatch, flags, gpus, local_rank, local_world):
     monkeypatch.setattr(dist, "get_world_size", lambda *a: local_world)
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: False)  # not in the test's own process
 
-    def build_data(args, device):
+    def build_data(args, device, *rest):
         fake.events.append(("device", device))
         raise Reached
 

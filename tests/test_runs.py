@@ -26,9 +26,10 @@ from test_reliability import epochs_logged, start
 
 
 def run_main(*argv):
-    """train.py's main on `argv`, in this process: its exit code (UsageError raised, not printed)."""
+    """train.py's main on `argv` (on the CPU, as run_script), in this process: its exit code
+    (UsageError raised, not printed)."""
     parser = train_script.get_args_parser()
-    args = parser.parse_args([str(a) for a in argv])
+    args = parser.parse_args([str(a) for a in argv] + ["--device", "cpu"])
     train_script.check_args(parser, args)
     return train_script.main(args, parser)
 
@@ -132,7 +133,7 @@ def test_resume_keeps_its_split_and_compares_epochs_on_the_same_images(run_copy,
 def test_no_readable_validation_image_stops_with_the_resume_command(run_copy, capsys):
     """Every validation image truncated after its header: the epoch's training is saved, and the run
     stops with one line that says so and how to resume (exit 1), not with a KeyError traceback (in
-    a first epoch) or as if all were well (in a later one)."""
+    a first epoch) or as if all were well (in a later one); --eval-only says so too (exit 1)."""
     data, run = run_copy
     for name in val_files(data)[0]:
         whole = (data / name).read_bytes()
@@ -142,6 +143,9 @@ def test_no_readable_validation_image_stops_with_the_resume_command(run_copy, ca
     assert line.startswith("error: no validation image could be read in epoch 3"), line
     assert "last.pth holds epoch 3" in line and f"python train.py --resume {run / 'last.pth'}" in line
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 3 and epochs_logged(run) == [1, 2, 3]
+    assert run_main("--eval-only", "--resume", run / "last.pth", "--data-path", data) == 1  # --eval-only too
+    assert "none of the 6 validation images could be read" in capsys.readouterr().err
+    assert not (run / "eval").exists()
 
 
 # ---- a killed worker, a closed pipe, a closed terminal ----------------------------------------
@@ -168,8 +172,8 @@ def test_closed_pipe_and_closed_terminal(tmp_path):
     included): training goes on after nobody reads its output (it is not a full disk), and the
     hang-up stops it as Ctrl-C does: exit 130, last.pth kept, the resume command on stderr."""
     run, data = tmp_path / "run", copy_digits(tmp_path / "data", per_class=4)  # one step an epoch
-    proc = start(["--data-path", data, "--output-dir", run, *FAST, "--workers", "1", "--epochs", "50"],
-                 new_session=True)
+    proc = start(["--data-path", data, "--output-dir", run, *FAST, "--workers", "1", "--epochs", "50",
+                  "--device", "cpu"], new_session=True)
     assert proc.stdout.readline().startswith("EfficientNet-B0")
     proc.stdout.close()  # the reader is gone: every later line meets a closed pipe
     deadline = time.time() + 240
