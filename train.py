@@ -142,8 +142,9 @@ def get_args_parser():
     run.add_argument("--resume", nargs="?", const="", default=None, metavar="FILE",
                      help="continue from FILE (a last.pth), or from --output-dir's last.pth")
     run.add_argument("--eval-only", action="store_true",
-                     help="only evaluate --weights (or --resume) on the validation set; writes predictions.csv "
-                          "and mistakes.png to --output-dir (default: the weights' folder)")
+                     help="only evaluate --weights (or --resume) on the validation set, at the checkpoint's "
+                          "image size; writes predictions.csv and mistakes.png to --output-dir (default: a new "
+                          "folder eval/ beside the weights)")
     run.add_argument("--tta", action="store_true",
                      help="with --eval-only: average each image's probabilities with its mirror image's")
     run.add_argument("--log-interval", type=float, default=30,
