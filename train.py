@@ -474,8 +474,9 @@ def evaluate_only(args, models, data, device):
                      f"f1 {row['f1']:.3f}  support {row['support']}")
     if runtime.rank() == 0 and folder:
         try:
-            runtime.print0(f"{folder}: " + reports.write_mistakes(folder, result["predictions"], data.split,
-                                                                  f"validation, {os.path.basename(weights)}"))
+            written = reports.write_mistakes(folder, result["predictions"], data.split,
+                                             f"validation, {os.path.basename(weights)}")
+            runtime.print0(f"{cli.printable(folder)}: {written}")
         except OSError as e:
             runtime.print0(f"warning: cannot write predictions.csv and mistakes.png to {folder} ({e.strerror}); "
                          "name a writable folder with --output-dir", file=sys.stderr)

@@ -136,7 +136,7 @@ def scan_classes(root):
     names = sorted(e.name for e in entries if e.is_dir())
     loose = sum(1 for e in entries if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file())
     if loose:
-        print(f"warning: {loose} image file(s) directly in {root} are not in a class folder; left out",
+        print(f"warning: {loose} image file(s) directly in {printable(root)} are not in a class folder; left out",
               file=sys.stderr)
     top = os.path.realpath(root)
     owners = {os.path.realpath(os.path.join(root, name)): name for name in names}
@@ -276,11 +276,11 @@ def reuse_split(now, root, train_images, train_labels, val_images, val_labels):
     gone = len(stored - usable - {p for p, _ in now.broken})  # the broken ones are named already
     added = len(usable - stored)
     if gone:
-        print(f"warning: {gone} file(s) the run was started with are gone from {root}; the run goes on "
-              "without them (each is named when it is met)", file=sys.stderr)
+        print(f"warning: {gone} file(s) the run was started with are gone from {printable(root)}; the run goes "
+              "on without them (each is named when it is met)", file=sys.stderr)
     if added:
-        print(f"note: {added} image file(s) added to {root} since the run started are not used: a resumed run "
-              "keeps its training and validation files (a new run would use them)", file=sys.stderr)
+        print(f"note: {added} image file(s) added to {printable(root)} since the run started are not used: a "
+              "resumed run keeps its training and validation files (a new run would use them)", file=sys.stderr)
     return Split(train_images, train_labels, val_images, val_labels, now.classes, now.broken, now.unchecked)
 
 
