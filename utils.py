@@ -176,8 +176,8 @@ def scan_classes(root):
 
 def same_inode_number(inodes):
     """The positions, in order, of the files whose inode number some other file has too: the only
-    ones that can be the same file. A sort of the numbers, 20 ms for a million files, where a stat
-    of each would cost seconds on a local disk and minutes on a network one."""
+    ones that can be the same file. A sort of the numbers (13 ms for a million files on a 2-core
+    CPU) instead of a stat per file."""
     numbers = np.frombuffer(inodes, dtype=np.uint64)
     ordered = np.sort(numbers)
     if not (ordered[1:] == ordered[:-1]).any():  # the usual case: no file is there twice
@@ -267,8 +267,9 @@ def read_split_data(root, val_rate=0.2, seed=0, check_at_start=None):
 def reuse_split(now, root, train_images, train_labels, val_images, val_labels):
     """The split a resumed run started with (its lists, from last.pth), whatever `root` holds now
     (`now`, the Split that read_split_data finds there): a file added since is not used, and one
-    gone since stays in its place, named here and skipped by the loader. No image trained on moves
-    into validation, and indices into the validation list (predictions.csv) keep their files."""
+    gone since keeps its place, counted here and named by the loader, which skips it. No image
+    trained on moves into validation, and indices into the validation list (predictions.csv) keep
+    their files."""
     if max(train_labels + val_labels, default=0) >= len(now.classes):
         raise DataError(f"{root} has {len(now.classes)} classes, fewer than the run was trained on; resume with "
                         "the same data or start a new run")
