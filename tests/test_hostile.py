@@ -17,6 +17,7 @@ from PIL import Image
 import train as train_script
 import cli
 import model_files
+import my_dataset
 import outputs
 import runtime
 import transforms
@@ -237,7 +238,7 @@ def test_kill_9_and_resume_is_exact_with_two_workers(tmp_path):
 def test_augmentation_does_not_depend_on_the_worker():
     """The same (index, seed) gives the same crop whichever process loads it; another seed another."""
     paths = [os.path.join(ROOT, "data", "digits", "3", sorted(os.listdir(os.path.join(ROOT, "data", "digits", "3")))[0])]
-    ds = utils.MyDataSet(paths, [3], transform=transforms.build_transform(
+    ds = my_dataset.MyDataSet(paths, [3], transform=transforms.build_transform(
         train_script.VARIANTS["b0"], 32, train=True, scale=(0.08, 1.0)))
     torch.manual_seed(1)
     a = ds[(0, 123)][0]
