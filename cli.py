@@ -3,6 +3,7 @@ suggested for a typo), the errors that end a script with one line instead of a t
 warnings and file or class names are printed."""
 import argparse
 import difflib
+import errno
 import os
 import re
 import sys
@@ -99,3 +100,38 @@ def progress_bars():
         return os.get_terminal_size(sys.stderr.fileno()).columns > 0
     except OSError:
         return False
+
+
+class UnreadStream:
+    """sys.stdout or sys.stderr, turned into /dev/null once nobody reads it (`train.py | head`, a
+    closed terminal): the run goes on, its checkpoints and metrics.csv written as before. A pipe
+    closed is not a full disk, and not a reason to stop training."""
+
+    def __init__(self, stream, other=None):
+        self.stream, self.other = stream, other
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            self.gone(e)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError as e:
+            self.gone(e)
+
+    def gone(self, e):
+        if e.errno not in (errno.EPIPE, errno.EIO):  # EIO: the terminal was closed
+            raise e
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.stream.fileno())  # what is still buffered goes there too
+        os.close(null)
+        if self.other is not None:
+            print("note: nothing reads the standard output any more (a closed pipe or terminal); training goes "
+                  "on without its lines (metrics.csv in the run folder has them)", file=self.other)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)

@@ -16,7 +16,6 @@ if __name__ == "__main__":  # Ctrl-C, SIGTERM or SIGHUP while the libraries load
         signal.signal(sig, lambda signum, frame: sys.exit(130))
 
 import argparse  # noqa: E402
-import errno  # noqa: E402
 import fcntl  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -28,7 +27,6 @@ from collections import namedtuple  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.optim.swa_utils import AveragedModel  # noqa: E402
 
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
@@ -36,6 +34,7 @@ import model_files  # noqa: E402
 import my_dataset  # noqa: E402
 import outputs  # noqa: E402
 import pretrained  # noqa: E402
+import recipe  # noqa: E402
 import reports  # noqa: E402
 import runtime  # noqa: E402
 import transforms  # noqa: E402
@@ -335,73 +334,8 @@ def build_model(args, num_classes, ckpt, device):
     compiled = torch.compile(model) if args.compile else model
     train_model = compiled if runtime.world_size() == 1 else torch.nn.parallel.DistributedDataParallel(
         compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    ema = EMA(model, args.ema_decay) if args.ema else None
+    ema = recipe.EMA(model, args.ema_decay) if args.ema else None
     return Models(train_model, model, ema.module if ema is not None else compiled, ema)
-
-
-def build_optimizer(args, model):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            # BatchNorm weights and all biases are 1-d: decaying them only hurts
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
-    if args.optimizer == "rmsprop":  # the paper's optimizer, with TF's decay, momentum and epsilon
-        return torch.optim.RMSprop(groups, lr=args.lr, alpha=0.9, momentum=0.9, eps=1e-3)
-    return torch.optim.AdamW(groups, lr=args.lr)
-
-
-class EMA(AveragedModel):
-    """The exponential moving average of the weights and BatchNorm buffers, as AveragedModel keeps
-    it (its n_averaged counts the updates, saved in last.pth). After n updates the decay is
-    1 - (1 + n) ** -0.75 (up to `decay`): the average follows the weights closely at first, then
-    spans more and more steps (about 60 after 220 updates, the whole of a short run's last epochs),
-    and reaches 0.999 after 10,000 updates. A short run is then neither stuck near the random
-    initial weights nor at the mercy of its last few steps.
-    An update is one foreach lerp over all tensors, not one kernel per tensor (360 for B0), and
-    never waits for the GPU: the count it needs is kept in Python, where AveragedModel reads its
-    tensor n_averaged back from the device twice per update."""
-
-    def __init__(self, model, decay):
-        super().__init__(model, use_buffers=True)
-        self.decay, self.count = decay, None
-
-    def load_state_dict(self, *args, **kwargs):
-        self.count = None  # read from the loaded n_averaged at the next update
-        return super().load_state_dict(*args, **kwargs)
-
-    @torch.no_grad()
-    def update_parameters(self, model):
-        if self.count is None:
-            self.count = int(self.n_averaged)
-        averaged = [*self.module.parameters(), *self.module.buffers()]
-        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
-        if self.count == 0:
-            torch._foreach_copy_(averaged, current)
-        else:
-            floats = [i for i, a in enumerate(averaged) if a.is_floating_point()]
-            counters = [i for i, a in enumerate(averaged) if not a.is_floating_point()]  # num_batches_tracked
-            weight = 1 - min(self.decay, 1 - (1 + self.count) ** -0.75)
-            torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], weight)
-            if counters:
-                torch._foreach_copy_([averaged[i] for i in counters], [current[i] for i in counters])
-        self.n_averaged += 1
-        self.count += 1
-
-
-def lr_lambda(args, steps_per_epoch):
-    """Linear warm-up, then cosine decay from 1 to lrf; one call per optimizer step."""
-    warmup = round(args.warmup_epochs * steps_per_epoch)
-    total = max(args.epochs * steps_per_epoch, warmup + 1)
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(total - warmup, 1)
-        return args.lrf + (1 - args.lrf) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
 
 
 def set_defaults(args):
@@ -416,9 +350,9 @@ def set_defaults(args):
 
 def build_optimization(args, models, batches_per_epoch, device, ckpt):
     """(optimizer, LR schedule, grad scaler) and the run's progress: new, or as --resume left them."""
-    optimizer = build_optimizer(args, models.raw)
+    optimizer = recipe.build_optimizer(args, models.raw)
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_lambda(args, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype(args.amp, device) == torch.float16)
     progress = checkpoint.new_progress()
     if ckpt is not None:
@@ -793,41 +727,6 @@ def failed(args, done, error, advice):
     return 1
 
 
-class UnreadStream:
-    """sys.stdout or sys.stderr, turned into /dev/null once nobody reads it (`train.py | head`, a
-    closed terminal): the run goes on, its checkpoints and metrics.csv written as before. A pipe
-    closed is not a full disk, and not a reason to stop training."""
-
-    def __init__(self, stream, other=None):
-        self.stream, self.other = stream, other
-
-    def write(self, text):
-        try:
-            return self.stream.write(text)
-        except OSError as e:
-            self.gone(e)
-            return len(text)
-
-    def flush(self):
-        try:
-            self.stream.flush()
-        except OSError as e:
-            self.gone(e)
-
-    def gone(self, e):
-        if e.errno not in (errno.EPIPE, errno.EIO):  # EIO: the terminal was closed
-            raise e
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, self.stream.fileno())  # what is still buffered goes there too
-        os.close(null)
-        if self.other is not None:
-            print("note: nothing reads the standard output any more (a closed pipe or terminal); training goes "
-                  "on without its lines (metrics.csv in the run folder has them)", file=self.other)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
 def on_signal(signum, frame):
     raise KeyboardInterrupt  # SIGTERM, SIGHUP (a closed terminal) as Ctrl-C: last.pth stays, the resume command shown
 
@@ -836,8 +735,8 @@ if __name__ == "__main__":
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
     cli.speak_any_file_name()
-    sys.stderr = UnreadStream(sys.stderr)
-    sys.stdout = UnreadStream(sys.stdout, sys.stderr)
+    sys.stderr = cli.UnreadStream(sys.stderr)
+    sys.stdout = cli.UnreadStream(sys.stdout, sys.stderr)
     cli.quiet_warnings()
     parser = get_args_parser()
     args = parser.parse_args()
