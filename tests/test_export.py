@@ -45,12 +45,13 @@ def exported_errors(names, folder, formats):
 
 
 def test_variants_export_with_the_eager_outputs(tmp_path):
-    """The loaded .pt2 (ExportedProgram) and .onnx (ONNX Runtime) of B0, B1, B4 and B7 give the
-    eager logits within 1e-4. The variants differ only in widths and depths, so these four stand
-    for all eight at half the cost. Two processes share them: exporting is single-threaded work."""
+    """The loaded .pt2 (ExportedProgram) and .onnx (ONNX Runtime) of B0 and B4 give the eager logits
+    within 1e-4. The variants differ only in widths and depths (and the blocks' count, which is
+    the cost of exporting), so B0 and B4, whose widths and depths both round, stand for all eight.
+    Two processes share them: exporting is single-threaded work."""
     onnx = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime"))
     formats = ("pt2", "onnx") if onnx else ("pt2",)
-    halves = [["b7"], ["b4", "b1", "b0"]]  # 55 and 71 blocks
+    halves = [["b4"], ["b0"]]  # 32 and 16 blocks
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         table = {}
         for errors in pool.map(exported_errors, halves, [str(tmp_path)] * 2, [formats] * 2):
