@@ -727,7 +727,11 @@ def failed(args, done, error, advice):
     return 1
 
 
+SIGNALLED = []  # the signals received: a stop the user asked for
+
+
 def on_signal(signum, frame):
+    SIGNALLED.append(signum)
     raise KeyboardInterrupt  # SIGTERM, SIGHUP (a closed terminal) as Ctrl-C: last.pth stays, the resume command shown
 
 
@@ -747,6 +751,13 @@ if __name__ == "__main__":
         print(f"error: {cli.printable(str(e))}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:  # before the first epoch: nothing to resume yet, and no run folder left
+        print("\ninterrupted before training started", file=sys.stderr)
+        code = 130
+    except Exception:
+        if not SIGNALLED:
+            raise
+        # the interrupt landed inside a library's lazy import or set-up, which turned it into another
+        # error (numpy: "module 'numpy' has no attribute 'matrix'"); the user asked to stop, so stop
         print("\ninterrupted before training started", file=sys.stderr)
         code = 130
     finally:

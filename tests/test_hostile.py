@@ -302,6 +302,24 @@ def test_real_signals_at_any_moment_of_start_up(tiny_data, tmp_path, delay):
     assert not (tmp_path / "run").exists() or (tmp_path / "run" / "last.pth").is_file()
 
 
+def test_a_signal_that_a_library_turns_into_another_error_still_stops_quietly(tiny_data, tmp_path):
+    """Ctrl-C inside a library's lazy import can come out as another error (numpy: "module 'numpy'
+    has no attribute 'matrix'"); the user asked to stop, so it is the one-line interrupt, not a traceback."""
+    patch = """
+        import os, signal, my_dataset
+        def init(self, paths):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                signal.sigtimedwait([], 0.5)  # let the handler run here, inside the 'library'
+            except KeyboardInterrupt:
+                raise AttributeError("module 'numpy' has no attribute 'matrix'") from None
+        my_dataset.PackedPaths.__init__ = init
+    """
+    result = run_patched(tmp_path, patch, "--data-path", tiny_data, "--output-dir", tmp_path / "run", *FAST)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    assert "interrupted before training started" in result.stderr
+
+
 def test_signal_while_drawing_the_final_plots(tiny_data, tmp_path):
     """Ctrl-C after the last epoch, while the last plots are drawn: the run is complete and says so."""
     result = interrupted_in("reports.plot_confusion", tmp_path, "--data-path", tiny_data, "--output-dir", tmp_path / "run",
