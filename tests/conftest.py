@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 import pytest
 
@@ -75,6 +76,16 @@ def temporary_files_inside_pytests_folder(tmp_path_factory):
 def tiny_data(tmp_path):
     return copy_digits(tmp_path / "tiny")
 
+
+# the end of a script that runs train.py's main in a torchrun process (after its own patches)
+TRAIN_MAIN_UNDER_TORCHRUN = textwrap.dedent("""
+    parser = train.get_args_parser()
+    args = parser.parse_args()
+    train.check_args(parser, args)
+    code = train.main(args, parser)
+    torch.distributed.destroy_process_group()
+    sys.exit(code)
+""")
 
 # a short, cheap training run: 32 px, small batches, no worker processes
 FAST = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "2"]

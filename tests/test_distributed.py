@@ -7,7 +7,7 @@ import textwrap
 
 import torch
 
-from conftest import FAST, ROOT, copy_digits, run_script
+from conftest import FAST, ROOT, TRAIN_MAIN_UNDER_TORCHRUN, copy_digits, run_script
 
 # Runs train.py's main() in each torchrun process, and records what each rank evaluates, so the
 # test can compare the ranks' weights, and which ranks read the data folder; every folder counts as
@@ -27,13 +27,7 @@ SPY = textwrap.dedent("""
         torch.save(model.state_dict(), os.path.join({spy_dir!r}, f"rank{{os.environ['RANK']}}.pth"))
         return evaluate(model, *args, **kwargs)
     utils.evaluate = spy
-    parser = train.get_args_parser()
-    args = parser.parse_args()
-    train.check_args(parser, args)
-    code = train.main(args, parser)
-    torch.distributed.destroy_process_group()
-    sys.exit(code)
-""")
+""") + TRAIN_MAIN_UNDER_TORCHRUN
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):

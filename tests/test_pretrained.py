@@ -20,7 +20,7 @@ from PIL import Image
 
 import pretrained
 from checkpoint import WeightsError
-from conftest import FAST, ROOT, copy_digits, run_script
+from conftest import FAST, ROOT, TRAIN_MAIN_UNDER_TORCHRUN, copy_digits, run_script
 
 PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
 B0 = pretrained.FILES["b0"]
@@ -304,13 +304,7 @@ TRAIN_WITH_NAME = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import torch, pretrained, train
     pretrained.FILES["b0"] = {name!r}
-    parser = train.get_args_parser()
-    args = parser.parse_args()
-    train.check_args(parser, args)
-    code = train.main(args, parser)
-    torch.distributed.destroy_process_group()
-    sys.exit(code)
-""")
+""") + TRAIN_MAIN_UNDER_TORCHRUN
 
 
 def test_torchrun_downloads_once(cache, tmp_path, monkeypatch):
