@@ -11,9 +11,17 @@ last.pth, metrics.csv, curves.png, confusion_matrix.png, per_class.csv, class_in
 import signal
 import sys
 
+SIGNALLED = []  # the signals received: a stop the user asked for
+
+
+def stop_while_loading(signum, frame):
+    SIGNALLED.append(signum)
+    sys.exit(130)
+
+
 if __name__ == "__main__":  # Ctrl-C, SIGTERM or SIGHUP while the libraries load: stop quietly, nothing written yet
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda signum, frame: sys.exit(130))
+        signal.signal(sig, stop_while_loading)
 
 import argparse  # noqa: E402
 import fcntl  # noqa: E402
@@ -727,9 +735,6 @@ def failed(args, done, error, advice):
     return 1
 
 
-SIGNALLED = []  # the signals received: a stop the user asked for
-
-
 def on_signal(signum, frame):
     SIGNALLED.append(signum)
     raise KeyboardInterrupt  # SIGTERM, SIGHUP (a closed terminal) as Ctrl-C: last.pth stays, the resume command shown
@@ -738,6 +743,9 @@ def on_signal(signum, frame):
 if __name__ == "__main__":
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    if SIGNALLED:  # a library caught the interrupt while it loaded (numpy's lazy imports do) and went on
+        print("\ninterrupted before training started", file=sys.stderr)
+        sys.exit(130)
     cli.speak_any_file_name()
     sys.stderr = cli.UnreadStream(sys.stderr)
     sys.stdout = cli.UnreadStream(sys.stdout, sys.stderr)

@@ -320,6 +320,28 @@ def test_a_signal_that_a_library_turns_into_another_error_still_stops_quietly(ti
     assert "interrupted before training started" in result.stderr
 
 
+def test_a_signal_that_a_library_swallows_while_loading_still_stops(tiny_data, tmp_path):
+    """Ctrl-C while train.py's libraries load, caught by one of them (numpy's lazy imports did, and
+    the run went on to fail later with "no attribute 'matrix'"): train.py stops once they are loaded."""
+    patch = """
+        import builtins, os, signal
+        real_import = builtins.__import__
+        def swallowing_import(name, *args, **kwargs):
+            if name == "pretrained":  # imported by train.py as it loads
+                builtins.__import__ = real_import
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    signal.sigtimedwait([], 0.5)
+                except SystemExit:  # a library that catches everything
+                    pass
+            return real_import(name, *args, **kwargs)
+        builtins.__import__ = swallowing_import
+    """
+    result = run_patched(tmp_path, patch, "--data-path", tiny_data, "--output-dir", tmp_path / "run", *FAST)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    assert "interrupted before training started" in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_signal_while_drawing_the_final_plots(tiny_data, tmp_path):
     """Ctrl-C after the last epoch, while the last plots are drawn: the run is complete and says so."""
     result = interrupted_in("reports.plot_confusion", tmp_path, "--data-path", tiny_data, "--output-dir", tmp_path / "run",
