@@ -119,3 +119,16 @@ def check_output_file(path, flag):
         raise UsageError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another")
     if not os.access(folder, os.W_OK):
         raise UsageError(f"{flag} {path}: the folder {folder} is not writable; choose another")
+
+
+def new_folder(base):
+    """`base`, or base-2, base-3, ... where that exists: the first free name, made at once, so that two
+    processes starting together never get the same folder and nothing there before is reused."""
+    for n in range(1, 1_000_000):
+        folder = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(folder)
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}-1000000")

@@ -217,13 +217,8 @@ def make_run_dir(args):
     if args.output_dir is None:
         base = os.path.join("weights", f"{args.model}-{os.path.basename(os.path.normpath(args.data_path))}")
         os.makedirs("weights", exist_ok=True)
-        for n in range(1, 1_000_000):
-            args.output_dir = base if n == 1 else f"{base}-{n}"
-            try:
-                os.mkdir(args.output_dir)
-                return True
-            except FileExistsError:
-                continue
+        args.output_dir = outputs.new_folder(base)
+        return True
     try:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_dir)), exist_ok=True)
         os.mkdir(args.output_dir)
@@ -433,13 +428,7 @@ def eval_folder(args, weights):
     try:
         if args.output_dir is None:
             base = os.path.join(os.path.dirname(weights) or ".", "eval")
-            for n in range(1, 1_000_000):
-                folder = base if n == 1 else f"{base}-{n}"
-                try:
-                    os.mkdir(folder)
-                    return folder
-                except FileExistsError:
-                    continue
+            return outputs.new_folder(base)
         folder = args.output_dir
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
