@@ -378,12 +378,13 @@ def build_optimization(args, models, batches_per_epoch, device, ckpt):
     return (optimizer, scheduler, scaler), progress
 
 
-def evaluate_only(args, models, data, device):
+def evaluate_only(args, models, data, device, trained):
     """--eval-only: the metrics, each class's figures, and predictions.csv and mistakes.png in
-    --output-dir (default: a new folder eval, eval-2, ... beside the weights evaluated)."""
+    --output-dir (default: a new folder eval, eval-2, ... beside the weights evaluated). `trained`:
+    the META of --weights (trained_as), {} for --resume, whose flags are in `args` already."""
     classes, weights = data.split.classes, args.weights or args.resume
     folder = runtime.on_rank0(lambda: eval_folder(args, weights))  # before the work: a refusal comes first
-    tta = args.tta and not trained_without_flips(args)
+    tta = args.tta and not trained_without_flips(args, trained)
 
     def unmake():  # the folder made for this evaluation, still empty: nothing is left behind
         if folder and args.output_dir is None and runtime.rank() == 0:
@@ -473,11 +474,8 @@ def trained_as(args, parser):
     return meta
 
 
-def trained_without_flips(args):
+def trained_without_flips(args, meta):
     """True (with a note) when --tta would show the model mirror images it was trained never to see."""
-    meta = {}
-    if args.weights and os.path.isfile(args.weights):
-        meta = checkpoint.load_checkpoint(args.weights).get("meta") or {}
     no_hflip = args.no_hflip or (meta.get("args") or {}).get("no_hflip", False)
     if no_hflip:
         runtime.print0("note: --tta left off: the model was trained with --no-hflip, so its mirror images may be "
@@ -536,7 +534,7 @@ def main(args, parser):
     if args.eval_only:
         if ckpt is not None and models.ema is not None and ckpt.get("ema"):
             models.ema.load_state_dict(ckpt["ema"])  # what the run evaluated, and saved as best.pth
-        return evaluate_only(args, models, data, device)
+        return evaluate_only(args, models, data, device, trained)
     optimization, progress = build_optimization(args, models, len(data.train_loader), device, ckpt)
     progress["split"] = checkpoint.pack_split(args.data_path, data.split.train_images, data.split.train_labels,
                                               data.split.val_images, data.split.val_labels)
