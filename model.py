@@ -456,11 +456,12 @@ class BatchNormSiLU(torch.autograd.Function):
     @once_differentiable  # mean and invstd are saved without their graph: a second derivative would be wrong
     def backward(ctx, grad):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        # the BN output again, by the inference kernel given the batch's statistics (invstd holds
-        # eps already): it computes in fp32 inside and writes x's dtype, as the forward did, so
-        # under AMP y is bf16/fp16 and the forward's y to within an ulp. fp32 arithmetic with the
-        # fp32 statistics instead would make an fp32 copy of x, twice its size, in every layer
-        y = F.batch_norm(x, mean, invstd.pow(-2), weight, bias, training=False, eps=0.0)
+        # the BN output again, by the inference kernel given the batch's statistics: it computes in
+        # fp32 inside and writes x's dtype, as the forward did, so under AMP y is bf16/fp16 and the
+        # forward's y to within an ulp. fp32 arithmetic with the fp32 statistics instead would make
+        # an fp32 copy of x, twice its size, in every layer. invstd holds eps already; the variance
+        # is handed back without it and eps given again, as PyTorch (2.11) refuses an eps of 0
+        y = F.batch_norm(x, mean, invstd.pow(-2) - ctx.eps, weight, bias, training=False, eps=ctx.eps)
         grad_y = torch.ops.aten.silu_backward(grad, y)
         del y
         grads = torch.ops.aten.native_batch_norm_backward(

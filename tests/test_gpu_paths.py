@@ -42,6 +42,7 @@ class FakeGPUs:
             "set_device": self.set_device,
             "get_rng_state": lambda device="cuda": self.rng[self.index(device, "get_rng_state")].clone(),
             "set_rng_state": self.set_rng_state,
+            "manual_seed_all": lambda seed: None,  # torch.manual_seed seeds every GPU through this
         }
         for name in ("synchronize", "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated"):
             fakes[name] = lambda device=None, name=name: self.index(device, name) and 0

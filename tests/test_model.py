@@ -427,6 +427,22 @@ def test_lean_functions_pass_gradcheck():
     assert torch.autograd.gradcheck(M.SigmoidGate.apply, (x, z))
 
 
+def test_lean_backward_asks_batchnorm_for_a_positive_eps(monkeypatch):
+    """PyTorch 2.11's F.batch_norm refuses eps <= 0 (later versions allow it): the lean backward
+    must run on every PyTorch that requirements.txt admits, so it gives BatchNorm its real eps."""
+    real = F.batch_norm
+
+    def strict(*args, **kwargs):
+        if kwargs.get("eps", 1e-5) <= 0:
+            raise ValueError(f"batch_norm eps must be positive, but got {kwargs['eps']}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "batch_norm", strict)
+    x, weight, bias, mean, var = _lean_inputs(torch.float32)
+    M.BatchNormSiLU.apply(x, weight, bias, mean, var, 0.1, 1e-3).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def _lean_inputs(dtype=torch.float64, shape=(3, 4, 5, 5)):
     """Inputs for BatchNormSiLU: x (N, C, H, W) of `dtype` in channels-last, and weight, bias,
     running mean and variance in float64 for a float64 x, else in float32 as under AMP."""
