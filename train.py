@@ -233,16 +233,20 @@ def make_run_dir(args):
 
 
 def lock_run_dir(folder):
-    """Hold an exclusive lock on the run folder for as long as this process lives (the kernel drops
-    it when the process ends, however it ends), so two processes never write one run. The lock is
-    on the folder itself, so no lock file is left in a finished run."""
+    """Hold an exclusive lock on the run folder until the command ends (the kernel drops it when the
+    process ends, however it ends), so two processes never write one run. The lock is on the
+    folder itself, so no lock file is left in a finished run."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        os.close(fd)
         raise cli.UsageError(f"another train.py is writing to {folder} right now; wait for it to end "
                                "(or stop it), or choose another --output-dir") from None
-    # the descriptor stays open until the process ends: closing it would release the lock
+    LOCKED.append(fd)  # open until the command ends: closing it releases the lock
+
+
+LOCKED = []  # the descriptors that hold run folders locked
 
 
 def resume_args(args, parser):
@@ -756,6 +760,8 @@ if __name__ == "__main__":
         print("\ninterrupted before training started", file=sys.stderr)
         code = 130
     finally:
+        for fd in LOCKED:  # the command is over (a run in this same process may come next)
+            os.close(fd)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     sys.exit(code)

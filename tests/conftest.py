@@ -11,24 +11,83 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "data", "digits")
 sys.path.insert(0, ROOT)
 
+# pytest-xdist's test processes share the cores: each computes with its share of them (the scripts
+# it starts too, through OMP_NUM_THREADS). Two processes of two threads each on two cores made
+# every training step several times slower: PyTorch's threads wait for each other spinning.
+TEST_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if TEST_PROCESSES > 1:
+    import torch
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // TEST_PROCESSES))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 # the scripts that take --device; elsewhere than tests/test_cuda.py a test means the CPU (numbers
 # compared with a CPU's, bitwise resumes), also on a machine with a GPU
 DEVICE_SCRIPTS = ("train.py", "predict.py", "benchmark.py")
 
 
-def run_script(script, *args, cwd=None, timeout=300, check=True):
+def run_script(script, *args, cwd=None, timeout=300, check=True, process=False):
     """Run one of the repo's scripts as a user would, on the CPU unless `args` name a --device;
-    returns the CompletedProcess."""
+    returns the CompletedProcess. train.py, predict.py and export.py run in this process (their
+    __main__ block, as `python SCRIPT ARGS` runs it, with its own stdout, stderr and exit code),
+    which spares each run the 3 s of importing torch again; `process=True`, a `cwd`, or
+    SCRIPTS_IN_PROCESS=0 in the environment runs a new Python process instead."""
     args = [*map(str, args)]
     if script in DEVICE_SCRIPTS and "--device" not in args:
         args += ["--device", "cpu"]
     cmd = [sys.executable, os.path.join(ROOT, script), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    result = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if script in IN_PROCESS and not process and cwd is None and os.environ.get("SCRIPTS_IN_PROCESS") != "0":
+        result = run_in_process(cmd)
+    else:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        result = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+IN_PROCESS = ("train.py", "predict.py", "export.py")
+
+
+def run_in_process(cmd):
+    """`python SCRIPT ARGS` in this process: runpy runs the script as __main__ with sys.argv, stdout
+    and stderr of its own; an exit code as Python's would be (SystemExit's, 1 and a traceback for
+    an uncaught exception). What a script sets for its process (signal handlers, warning filters,
+    the RNG) is put back afterwards."""
+    import gc
+    import io
+    import runpy
+    import signal
+    import traceback
+    import warnings
+
+    import torch
+    streams = [io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2)]
+    saved = sys.argv, sys.stdout, sys.stderr
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    rng = torch.get_rng_state()
+    sys.argv, (sys.stdout, sys.stderr) = cmd[1:], streams
+    code = 0
+    try:
+        with warnings.catch_warnings():
+            runpy.run_path(cmd[1], run_name="__main__")
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:  # sys.exit("message"): Python prints it and exits 1
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        out, err = (stream.buffer.getvalue().decode("utf-8") for stream in streams)
+        sys.argv, sys.stdout, sys.stderr = saved
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        torch.set_rng_state(rng)
+        gc.collect()  # the run's models, loaders and their worker processes go now, not in a later test
+    return subprocess.CompletedProcess(cmd, code, out, err)
 
 
 def copy_digits(dest, classes=("0", "1", "2"), per_class=10):

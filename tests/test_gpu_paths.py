@@ -375,9 +375,9 @@ def test_run_script_runs_the_scripts_on_the_cpu_unless_told(monkeypatch):
     commands = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: commands.append(cmd) or types.SimpleNamespace(
         returncode=0, stdout="", stderr=""))
-    conftest.run_script("train.py", "--epochs", 1)
-    conftest.run_script("predict.py", "x.jpg", "--device", "cuda")
-    conftest.run_script("export.py", "--weights", "best.pth")  # takes no --device
+    conftest.run_script("train.py", "--epochs", 1, process=True)
+    conftest.run_script("predict.py", "x.jpg", "--device", "cuda", process=True)
+    conftest.run_script("export.py", "--weights", "best.pth", process=True)  # takes no --device
     assert [c[2:] for c in commands] == [["--epochs", "1", "--device", "cpu"], ["x.jpg", "--device", "cuda"],
                                          ["--weights", "best.pth"]]
 
