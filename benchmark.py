@@ -3,7 +3,7 @@ measured in one run on this machine, as ratios.
 
     python benchmark.py                                   # B0 at 224 px, batch 32
     python benchmark.py --model b3 --img-size 300 --batch-size 16 --device cuda
-    python benchmark.py --time-to-accuracy                # adds: time to 95 % on the bundled digits
+    python benchmark.py --time-to-accuracy                # launch to 95 % val top-1 on the digits
 
 Baseline: torchvision's efficientnet_bX in fp32, NCHW, eager, SGD (what the tutorial does).
 This repo: train.py's default path (channels-last, bf16 autocast where fast, AdamW, the lean
@@ -16,7 +16,9 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,14 +52,22 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd training (slow warm-up)")
     p.add_argument("--workers", type=int, default=runtime.default_workers(), help="loader processes")
     p.add_argument("--time-to-accuracy", action="store_true",
-                   help="train.py on the bundled digits at 64 px to 95 %% val top-1: default vs tutorial recipe")
+                   help="only time training from launch to --target val top-1 (on --data-path at --img-size, "
+                        "default the digits at 64 px): train.py's defaults against the tutorial's program")
+    p.add_argument("--target", type=float, default=0.95, help="--time-to-accuracy: the val top-1 to reach")
+    p.add_argument("--max-epochs", type=int, default=20, help="--time-to-accuracy: each run's epochs at most")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="--time-to-accuracy: a run per seed")
     p.add_argument("--startup", type=int, nargs="*", metavar="FILES",
                    help="only time the start of training on folders of FILES images (default 10000 100000 "
                         "1000000) against torchvision's plain start, and predict.py's memory on the first two")
     p.add_argument("--whole", action="store_true",
                    help="only time whole commands as a user runs them (train.py for 2 epochs on the digits at "
-                        "64 px, predict.py over 15 batches of small JPEGs and on one image) against plain scripts")
-    p.add_argument("--data-path", help="--whole: the folder to train on (default: the bundled digits)")
+                        "64 px, predict.py over 15 batches of small JPEGs and on one image) against plain scripts, "
+                        "and predict.py over --images JPEGs against ONNX Runtime on the exported file")
+    p.add_argument("--images", type=int, default=1000,
+                   help="--whole: the JPEGs that predict.py reads from best.pth and ONNX Runtime from its export "
+                        "(0: leave that row out)")
+    p.add_argument("--data-path", help="--whole, --time-to-accuracy: the folder to train on (default: the bundled digits)")
     p.add_argument("--contender", choices=list(CONTENDERS), help=argparse.SUPPRESS)  # a child process: see measure()
     p.add_argument("--photos", help=argparse.SUPPRESS)  # the folder the "folder" contenders predict
     p.add_argument("--tensor-memory", action="store_true", help=argparse.SUPPRESS)  # see tensor_memory()
@@ -272,7 +282,8 @@ from PIL import Image
 from torchvision import transforms
 from tqdm import tqdm
 root, epochs, size, batch, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-random.seed(0)
+random.seed(0)  # the split
+torch.manual_seed(int(sys.argv[6]) if len(sys.argv) > 6 else 0)
 classes = sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c)))
 train, val = [], []
 for label, c in enumerate(classes):
@@ -387,17 +398,33 @@ def whole(args):
             median(base), median(ours))
         row("  the same, seconds per epoch", median(base_epoch), median(ours_epoch))
 
+        predict = os.path.join(HERE, "predict.py")
         commands = {
             f"predict.py over {len(paths)} 96x96 JPEGs (eval 256/224)": (
-                [scripts["plain_folder"], weights, photos], ["predict.py", photos, "--weights", weights]),
+                [scripts["plain_folder"], weights, photos], [predict, photos, "--weights", weights]),
             "predict.py on one image, launch to answer": (
-                [scripts["plain_one"], weights, paths[0]], ["predict.py", paths[0], "--weights", weights]),
+                [scripts["plain_one"], weights, paths[0]], [predict, paths[0], "--weights", weights]),
         }
+        if args.images:  # the same folder through ONNX Runtime: predict.py on the exported file
+            import export
+            if export.missing_onnx_packages() or importlib.util.find_spec("onnxruntime") is None:
+                print("(no ONNX Runtime rows: pip install -r requirements-export.txt for them)")
+            else:
+                large = os.path.join(tmp, "large")
+                os.makedirs(large)
+                write_photos(large, args.images, (500, 375))
+                onnx = os.path.join(tmp, "b0.onnx")
+                subprocess.run([sys.executable, os.path.join(HERE, "export.py"), "--weights", weights, "--format",
+                                "onnx", "--dynamic-batch", "--output", onnx], check=True, capture_output=True)
+                ours = [predict, large, "--weights", weights]
+                commands[f"predict.py over {args.images} 500x375 JPEGs at 224 px vs ONNX Runtime"] = (
+                    [predict, large, "--weights", onnx], ours)
+                commands["  the same, predict.py --amp"] = ([predict, large, "--weights", onnx], ours + ["--amp"])
         for name, (plain, repo) in commands.items():
             base, ours = [], []
             for _ in range(args.rounds):
                 base.append(on_pty([sys.executable, *plain]).seconds)
-                ours.append(on_pty([sys.executable, os.path.join(HERE, repo[0]), *repo[1:]]).seconds)
+                ours.append(on_pty([sys.executable, *repo]).seconds)
             row(name, median(base), median(ours))
     return rows
 
@@ -407,35 +434,63 @@ TUTORIAL_RECIPE = ["--optimizer", "sgd", "--lr", "0.01", "--weight-decay", "1e-4
                    "--no-channels-last", "--drop-path", "0.2", "--precise-bn", "0"]
 
 
-def time_to_accuracy(target=0.95, epochs=10):
-    """Training seconds until val top-1 first reaches `target` on the bundled digits at 64 px.
-    Each run is stopped (SIGTERM, as a user's Ctrl-C) once it gets there."""
-    recipes = {
-        "default recipe (--no-hflip, as the quick start)": ["--no-hflip"],
-        "tutorial recipe": TUTORIAL_RECIPE,
-        "tutorial recipe --no-hflip": TUTORIAL_RECIPE + ["--no-hflip"],
-    }
-    out = {}
+def time_to_accuracy(args):
+    """Launch to the moment best.pth first reaches --target val top-1: train.py's defaults against
+    the tutorial's training program (torchvision's B0, its split, SGD, its cosine schedule), each
+    for at most --max-epochs, a run per --seeds, the two taking turns. A run is stopped (SIGTERM to
+    its process group) once it gets there. Returns {(name, seed): (seconds or None, epoch, [top-1])}."""
+    data = args.data_path or os.path.join(HERE, "data", "digits")
+    size, epochs = str(args.img_size or 64), str(args.max_epochs)
+    name = os.path.basename(os.path.normpath(data))
+    print(f"time to val top-1 {args.target} on {name} at {size} px, B0 from scratch, batch 16, at most {epochs} epochs, "
+          f"launch to best.pth; {torch.get_num_threads()} threads")
+    print(f"{'seed':<6} {'tutorial program':>26} {'train.py defaults':>26} {'speed-up':>9}")
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, flags) in enumerate(recipes.items()):
-            run = os.path.join(tmp, str(i))
-            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--img-size", "64", "--epochs",
-                                     str(epochs), "--output-dir", run, *flags],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            rows, reached = [], None
-            while reached is None and proc.poll() is None:
-                time.sleep(0.5)
-                if os.path.exists(os.path.join(run, "metrics.csv")):
-                    with open(os.path.join(run, "metrics.csv"), newline="") as f:
-                        rows = list(csv.DictReader(f))
-                    hit = [r for r in rows if float(r["val_top1"]) >= target]
-                    if hit:
-                        reached = (sum(float(r["epoch_seconds"]) for r in rows[:rows.index(hit[0]) + 1]),
-                                   int(hit[0]["epoch"]))
-            proc.terminate()
-            proc.wait()
-            out[name] = (reached, [float(r["val_top1"]) for r in rows])
-    return out
+        script = os.path.join(tmp, "tutorial_train.py")
+        with open(script, "w") as f:
+            f.write(TUTORIAL_TRAIN)
+        for seed in args.seeds:
+            commands = {
+                "tutorial": [sys.executable, script, data, epochs, size, "16", os.path.join(tmp, f"t{seed}"), str(seed)],
+                "train.py": [sys.executable, os.path.join(HERE, "train.py"), "--data-path", data, "--img-size", size,
+                             "--epochs", epochs, "--seed", str(seed), "--output-dir", os.path.join(tmp, f"r{seed}")],
+            }
+            for who, command in commands.items():
+                results[who, seed] = run_to_accuracy(command, who, args.target, os.path.join(tmp, f"{who}-{seed}"))
+            t, r = results["tutorial", seed], results["train.py", seed]
+            cell = lambda x: (f"{x[0]:.1f} s (epoch {x[1]})" if x[0] is not None  # noqa: E731
+                              else f"not in {epochs} epochs ({max(x[2], default=0):.3f})")
+            ratio = f"{t[0] / r[0]:.2f}x" if t[0] is not None and r[0] is not None else "-"
+            print(f"{seed:<6} {cell(t):>26} {cell(r):>26} {ratio:>9}", flush=True)
+    return results
+
+
+def run_to_accuracy(command, who, target, log):
+    """(seconds from launch until `target` val top-1 was first logged, or None; that epoch; the
+    top-1 of each epoch seen). train.py logs metrics.csv; the tutorial prints a line per epoch."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    top1, reached = [], None
+    while reached is None and proc.poll() is None:
+        time.sleep(0.1)
+        if who == "tutorial":
+            with open(log) as f:
+                top1 = [float(t) for t in re.findall(r"epoch \d+ accuracy ([\d.]+)", f.read())]
+        elif os.path.exists(os.path.join(command[-1], "metrics.csv")):
+            with open(os.path.join(command[-1], "metrics.csv"), newline="") as f:
+                top1 = [float(r["val_top1"]) for r in csv.DictReader(f)]
+        hit = [i for i, t in enumerate(top1) if t >= target]
+        if hit:
+            reached = (time.perf_counter() - start, hit[0] + 1, top1)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait()
+    if reached is None and proc.returncode != 0:
+        with open(log) as f:
+            sys.exit(f"benchmark: {who} failed:\n{f.read()[-2000:]}")
+    return reached or (None, None, top1)
 
 
 def inputs(args, device):
@@ -650,11 +705,6 @@ def main(args):
             row(f"loader {w}x{h} JPEG, {args.workers} workers vs train step", drafted, median["default"]["rate"], "img/s")
             row(f"loader {w}x{h} JPEG: draft decode vs full", drafted, full, "img/s")
 
-    if args.time_to_accuracy:
-        print("time to 95 % val top-1, B0 on the bundled digits at 64 px (at most 10 epochs):")
-        for name, (reached, top1) in time_to_accuracy().items():
-            print(f"  {name:<48} " + (f"{reached[0]:5.0f}s (epoch {reached[1]})" if reached else "  not reached")
-                  + "   val top-1 per epoch: " + " ".join(f"{t:.3f}" for t in top1), flush=True)
     return rows
 
 
@@ -665,6 +715,8 @@ if __name__ == "__main__":
             startup(args)
         elif args.whole:
             whole(args)
+        elif args.time_to_accuracy:
+            time_to_accuracy(args)
         elif args.contender:
             device = runtime.choose_device(args.device)
             print(json.dumps(tensor_memory(args.contender, args, device) if args.tensor_memory

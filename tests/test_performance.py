@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import utils
@@ -104,9 +105,24 @@ def test_benchmark_whole_commands_run_and_compare(tmp_path):
     folder loop and predict.py, the six-line script and predict.py on one image, each row timed."""
     copy_digits(tmp_path / "tiny")  # 3 classes of 10: 8 train images each, whole batches of 4
     out = run_script("benchmark.py", "--whole", "--data-path", tmp_path / "tiny", "--img-size", "32",
-                     "--batch-size", "4", "--rounds", "1", timeout=600).stdout
+                     "--batch-size", "4", "--rounds", "1", "--images", "8", timeout=600).stdout
     rows = re.findall(r"^(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, re.M)
     assert [r[0].strip() for r in rows] == ["train.py, 2 epochs on tiny at 32 px, batch 4", "the same, seconds per epoch",
                                             "predict.py over 60 96x96 JPEGs (eval 256/224)",
-                                            "predict.py on one image, launch to answer"], out
+                                            "predict.py on one image, launch to answer",
+                                            "predict.py over 8 500x375 JPEGs at 224 px vs ONNX Runtime",
+                                            "the same, predict.py --amp"], out
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows), out
+
+
+def test_time_to_accuracy_runs_both_programs_and_stops_them_at_the_target(tmp_path):
+    """benchmark.py --time-to-accuracy on a tiny folder with a target every epoch reaches: a row per
+    seed with the launch-to-target time of the tutorial's program and of train.py, and their ratio;
+    both runs stopped there, nothing left running."""
+    copy_digits(tmp_path / "tiny")
+    out = run_script("benchmark.py", "--time-to-accuracy", "--data-path", tmp_path / "tiny", "--img-size", "32",
+                     "--target", "0", "--max-epochs", "3", "--seeds", "0", timeout=600).stdout
+    row = re.search(r"^0\s+([\d.]+) s \(epoch 1\)\s+([\d.]+) s \(epoch 1\)\s+([\d.]+)x$", out, re.M)
+    assert row, out
+    tutorial, ours, ratio = map(float, row.groups())
+    assert tutorial > 0 and ours > 0 and ratio == pytest.approx(tutorial / ours, rel=0.05)
