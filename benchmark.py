@@ -31,6 +31,7 @@ import torchvision
 
 import cli
 import model_files
+import recipe
 import runtime
 import transforms
 from model import VARIANTS, create_model, fuse_bn
@@ -503,7 +504,7 @@ def inputs(args, device):
 
 def train_step(args, device, x, y, torchvision_model=False, tutorial=False, compile=False, grad_checkpointing=False):
     """A training step as a function: torchvision's model or this repo's; the tutorial's settings
-    (fp32, NCHW, SGD) or train.py's default ones (channels-last, AdamW, --amp auto's autocast)."""
+    (fp32, NCHW, SGD) or train.py's default ones (channels-last, recipe.py's AdamW, --amp auto's autocast)."""
     if torchvision_model:
         model = baseline_model(args.model, device)
     else:
@@ -513,7 +514,7 @@ def train_step(args, device, x, y, torchvision_model=False, tutorial=False, comp
         sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         return train_step_fn(model, sgd, x, y, None, False)
     model = model.to(memory_format=torch.channels_last)
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    adamw = recipe.build_optimizer(argparse.Namespace(optimizer="adamw", lr=1e-3, weight_decay=0.05), model)
     return train_step_fn(torch.compile(model) if compile else model, adamw, x, y,
                          runtime.amp_dtype(args.amp, device), True)
 
