@@ -100,7 +100,7 @@ def get_args_parser():
                        help="keep an exponential moving average of the weights; it is what gets evaluated and saved "
                             "(--no-ema: the weights as trained)")
     optim.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per optimizer step")
-    optim.add_argument("--precise-bn", type=int, default=512, metavar="N",
+    optim.add_argument("--precise-bn", type=int, default=256, metavar="N",
                        help="before each validation, re-estimate BatchNorm statistics on (at most) N training images "
                             "seen as validation sees them, so they fit the weights evaluated (0: off)")
     optim.add_argument("--grad-accum", type=int, default=1, help="accumulate gradients over this many batches")
