@@ -37,7 +37,7 @@ def run_script(script, *args, cwd=None, timeout=300, check=True, process=False):
         args += ["--device", "cpu"]
     cmd = [sys.executable, os.path.join(ROOT, script), *args]
     if script in IN_PROCESS and not process and cwd is None and os.environ.get("SCRIPTS_IN_PROCESS") != "0":
-        result = run_in_process(cmd)
+        result = run_in_process(cmd, timeout)
     else:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         result = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -49,11 +49,12 @@ def run_script(script, *args, cwd=None, timeout=300, check=True, process=False):
 IN_PROCESS = ("train.py", "predict.py", "export.py")
 
 
-def run_in_process(cmd):
+def run_in_process(cmd, timeout):
     """`python SCRIPT ARGS` in this process: runpy runs the script as __main__ with sys.argv, stdout
     and stderr of its own; an exit code as Python's would be (SystemExit's, 1 and a traceback for
-    an uncaught exception). What a script sets for its process (signal handlers, warning filters,
-    the RNG) is put back afterwards."""
+    an uncaught exception). A script still running after `timeout` seconds (blocked on a FIFO, say)
+    gets a TimeoutError, as subprocess.run's timeout would end it. What a script sets for its
+    process (signal handlers, warning filters, the RNG) is put back afterwards."""
     import gc
     import io
     import runpy
@@ -64,10 +65,16 @@ def run_in_process(cmd):
     import torch
     streams = [io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2)]
     saved = sys.argv, sys.stdout, sys.stderr
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)}
     rng = torch.get_rng_state()
     sys.argv, (sys.stdout, sys.stderr) = cmd[1:], streams
     code = 0
+
+    def too_long(signum, frame):
+        raise TimeoutError(f"{' '.join(cmd)} still running after {timeout} s")
+
+    signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(timeout)
     try:
         with warnings.catch_warnings():
             runpy.run_path(cmd[1], run_name="__main__")
@@ -81,6 +88,7 @@ def run_in_process(cmd):
         traceback.print_exc()
         code = 1
     finally:
+        signal.alarm(0)
         out, err = (stream.buffer.getvalue().decode("utf-8") for stream in streams)
         sys.argv, sys.stdout, sys.stderr = saved
         for s, handler in handlers.items():

@@ -87,12 +87,14 @@ def test_predict_on_an_exported_file_gives_the_checkpoints_answers(trained, fmt,
     assert side["sha256"] == model_files.sha256(out)
     assert sorted(os.listdir(tmp_path)) == [f"model.{fmt}", f"model.{fmt}.json"]
 
-    def answers(weights):
-        lines = run_script("predict.py", os.path.join(data, "1"), os.path.join(data, "2"), "--weights", weights,
-                           "--topk", "3", "--json").stdout.splitlines()
-        return [[(t["class"], t["prob"]) for t in json.loads(line)["topk"]] for line in lines]
+    def answers(weights, how):
+        result = run_script("predict.py", os.path.join(data, "1"), os.path.join(data, "2"), "--weights", weights,
+                            "--topk", "3", "--json")
+        assert result.stderr.rstrip().endswith(f"; {how}"), result.stderr  # the summary says what ran
+        return [[(t["class"], t["prob"]) for t in json.loads(line)["topk"]] for line in result.stdout.splitlines()]
 
-    expected, got = answers(run / "best.pth"), answers(out)
+    expected = answers(run / "best.pth", "fp32")
+    got = answers(out, "ONNX Runtime" if fmt == "onnx" else "the exported program")
     assert [[c for c, _ in r] for r in got] == [[c for c, _ in r] for r in expected]
     assert [p for r in got for _, p in r] == pytest.approx([p for r in expected for _, p in r], abs=1e-4)
 

@@ -179,3 +179,25 @@ def test_a_terminal_shows_progress_and_time_left(trained):
     text = output.decode()
     assert proc.returncode == 0 and "predict:" in text and "img/s]" in text and "<" in text
     assert text.count(": 0 (") + text.count(": 1 (") + text.count(": 2 (") == 30  # every result still shown
+
+
+def test_a_script_run_in_the_test_process_answers_as_in_its_own(trained, tmp_path):
+    """conftest.run_script runs the scripts in the test process (runpy) to save an import of torch
+    per run: a success and a user's mistake give the same exit code, stdout and stderr there as in
+    a process of their own."""
+    _, run = trained
+    for args in ([PHOTO, "--weights", run / "best.pth", "--topk", "2"],
+                 [PHOTO, "--weights", tmp_path / "missing.pth"]):
+        inside, own = run_script("predict.py", *args, check=False), run_script("predict.py", *args, check=False,
+                                                                             process=True)
+        assert (inside.returncode, inside.stdout, inside.stderr) == (own.returncode, own.stdout, own.stderr)
+    assert own.returncode == 2 and own.stderr.startswith("error: weights file not found")
+
+
+def test_the_summary_says_how_the_model_ran(trained):
+    """The last line over many images names the precision: fp32 by default, bf16 autocast with
+    --amp (ONNX Runtime or the exported program for an exported file: tests/test_export.py)."""
+    data, run = trained
+    for flags, how in (([], "; fp32"), (["--amp"], "; bf16 autocast (--amp)")):
+        err = run_script("predict.py", data, "--weights", run / "best.pth", *flags).stderr
+        assert err.splitlines()[-1].startswith("30 inputs: 30 predicted") and err.rstrip().endswith(how), err
