@@ -430,11 +430,6 @@ def whole(args):
     return rows
 
 
-TUTORIAL_RECIPE = ["--optimizer", "sgd", "--lr", "0.01", "--weight-decay", "1e-4", "--warmup-epochs", "0",
-                   "--label-smoothing", "0", "--crop-scale", "0.08", "1", "--batch-size", "16", "--amp", "off",
-                   "--no-channels-last", "--drop-path", "0.2", "--precise-bn", "0"]
-
-
 def time_to_accuracy(args):
     """Launch to the moment best.pth first reaches --target val top-1: train.py's defaults against
     the tutorial's training program (torchvision's B0, its split, SGD, its cosine schedule), each
@@ -452,13 +447,16 @@ def time_to_accuracy(args):
         with open(script, "w") as f:
             f.write(TUTORIAL_TRAIN)
         for seed in args.seeds:
-            commands = {
-                "tutorial": [sys.executable, script, data, epochs, size, "16", os.path.join(tmp, f"t{seed}"), str(seed)],
-                "train.py": [sys.executable, os.path.join(HERE, "train.py"), "--data-path", data, "--img-size", size,
-                             "--epochs", epochs, "--seed", str(seed), "--output-dir", os.path.join(tmp, f"r{seed}")],
+            log, run = os.path.join(tmp, f"tutorial-{seed}.log"), os.path.join(tmp, f"run-{seed}")
+            commands = {  # each with the reader of its val top-1 per epoch so far
+                "tutorial": ([sys.executable, script, data, epochs, size, "16", os.path.join(tmp, f"t{seed}"),
+                              str(seed)], log, lambda: tutorial_top1(log)),
+                "train.py": ([sys.executable, os.path.join(HERE, "train.py"), "--data-path", data, "--img-size", size,
+                              "--epochs", epochs, "--seed", str(seed), "--output-dir", run],
+                             os.path.join(tmp, f"train-{seed}.log"), lambda: train_top1(run)),
             }
-            for who, command in commands.items():
-                results[who, seed] = run_to_accuracy(command, who, args.target, os.path.join(tmp, f"{who}-{seed}"))
+            for who, (command, output, top1) in commands.items():
+                results[who, seed] = run_to_accuracy(command, output, top1, args.target)
             t, r = results["tutorial", seed], results["train.py", seed]
             cell = lambda x: (f"{x[0]:.1f} s (epoch {x[1]})" if x[0] is not None  # noqa: E731
                               else f"not in {epochs} epochs ({max(x[2], default=0):.3f})")
@@ -467,21 +465,16 @@ def time_to_accuracy(args):
     return results
 
 
-def run_to_accuracy(command, who, target, log):
+def run_to_accuracy(command, log, top1_so_far, target):
     """(seconds from launch until `target` val top-1 was first logged, or None; that epoch; the
-    top-1 of each epoch seen). train.py logs metrics.csv; the tutorial prints a line per epoch."""
+    top-1 of each epoch seen), the command's output going to `log`."""
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     top1, reached = [], None
     while reached is None and proc.poll() is None:
         time.sleep(0.1)
-        if who == "tutorial":
-            with open(log) as f:
-                top1 = [float(t) for t in re.findall(r"epoch \d+ accuracy ([\d.]+)", f.read())]
-        elif os.path.exists(os.path.join(command[-1], "metrics.csv")):
-            with open(os.path.join(command[-1], "metrics.csv"), newline="") as f:
-                top1 = [float(r["val_top1"]) for r in csv.DictReader(f)]
+        top1 = top1_so_far()
         hit = [i for i, t in enumerate(top1) if t >= target]
         if hit:
             reached = (time.perf_counter() - start, hit[0] + 1, top1)
@@ -490,8 +483,22 @@ def run_to_accuracy(command, who, target, log):
     proc.wait()
     if reached is None and proc.returncode != 0:
         with open(log) as f:
-            sys.exit(f"benchmark: {who} failed:\n{f.read()[-2000:]}")
+            sys.exit(f"benchmark: {command[1]} failed:\n{f.read()[-2000:]}")
     return reached or (None, None, top1)
+
+
+def tutorial_top1(log):
+    """The tutorial program's val top-1 per epoch so far: it prints a line per epoch."""
+    with open(log) as f:
+        return [float(t) for t in re.findall(r"epoch \d+ accuracy ([\d.]+)", f.read())]
+
+
+def train_top1(run):
+    """train.py's val top-1 per epoch so far, from its run folder's metrics.csv."""
+    if not os.path.exists(os.path.join(run, "metrics.csv")):
+        return []
+    with open(os.path.join(run, "metrics.csv"), newline="") as f:
+        return [float(r["val_top1"]) for r in csv.DictReader(f)]
 
 
 def inputs(args, device):
