@@ -1,11 +1,18 @@
+import gc
+import io
 import os
+import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import traceback
+import warnings
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "data", "digits")
@@ -16,7 +23,6 @@ sys.path.insert(0, ROOT)
 # every training step several times slower: PyTorch's threads wait for each other spinning.
 TEST_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if TEST_PROCESSES > 1:
-    import torch
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // TEST_PROCESSES))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -55,14 +61,6 @@ def run_in_process(cmd, timeout):
     an uncaught exception). A script still running after `timeout` seconds (blocked on a FIFO, say)
     gets a TimeoutError, as subprocess.run's timeout would end it. What a script sets for its
     process (signal handlers, warning filters, the RNG) is put back afterwards."""
-    import gc
-    import io
-    import runpy
-    import signal
-    import traceback
-    import warnings
-
-    import torch
     streams = [io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2)]
     saved = sys.argv, sys.stdout, sys.stderr
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)}

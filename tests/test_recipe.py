@@ -1,5 +1,6 @@
 """The training recipe's options: augmentation policies, random erasing, MixUp/CutMix, class
 balancing, dropout and stochastic depth, and BatchNorm statistics re-estimated before validation."""
+import argparse
 import copy
 import os
 from collections import Counter
@@ -9,6 +10,7 @@ import torch
 
 import train as train_script
 import my_dataset
+import recipe
 import transforms
 import utils
 from conftest import DIGITS, FAST, copy_digits, run_script
@@ -139,9 +141,6 @@ def test_adamw_updates_in_one_fused_kernel_and_as_the_plain_loop_does():
     """train.py's AdamW is PyTorch's fused one on a CPU (1.10x the training step; docs/recipe.md
     shows the same accuracy): three steps at lr 1e-2 move each weight as the per-tensor loop does,
     to within 1e-4 (Adam divides by the root of tiny second moments: rounding shows there)."""
-    import argparse
-
-    import recipe
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                                 torch.nn.LazyLinear(2))
