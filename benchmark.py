@@ -143,7 +143,7 @@ def folder_rate(paths, args, device, batch):
                                          batch_size=batch,
                                          num_workers=args.workers, collate_fn=predict.ImagePaths.collate)
     start = time.perf_counter()
-    n = sum(1 for _ in predict.predict(model, loader, device, 5))
+    n = sum(1 for _ in predict.predict(predict.fast_path(model, device, False), loader, device, 5))
     return n / (time.perf_counter() - start)
 
 
@@ -530,10 +530,12 @@ def infer_step(args, device, x, torchvision_model=False, bf16=False):
     """Inference as a function: torchvision's model eager in fp32, or predict.py's path."""
     if torchvision_model:
         return infer_fn(baseline_model(args.model, device).eval(), x)
+    import predict
     model = fuse_bn(create_model(args.model).to(device, memory_format=torch.channels_last))
     # predict.py --amp's dtype
     amp = torch.float16 if device.type == "cuda" and not runtime.native_bf16(device) else torch.bfloat16
-    return infer_fn(model, x.contiguous(memory_format=torch.channels_last), amp if bf16 else None)
+    return infer_fn(predict.fast_path(model, device, bf16), x.contiguous(memory_format=torch.channels_last),
+                    amp if bf16 else None)
 
 
 def infer_exported(args, device, x, fmt):

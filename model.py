@@ -12,7 +12,8 @@ Module names follow the tutorial this repo grows from (`features.stem_conv`, `fe
 `features.top`, `classifier.1`), so its checkpoints load as they are. torchvision's official
 weight files (`features.1.0.block.0.0.weight`, ...) are renamed on load; see `read_weights`.
 
-`fuse_bn` prepares a model for fast inference. At the end of the file, after the paper's blocks,
+`fuse_bn` prepares a model for fast inference, and `CPUInference` runs it on a CPU as ONNX Runtime
+would (predict.py's default there). At the end of the file, after the paper's blocks,
 two autograd Functions keep less for backward than autograd would (0.62x of torchvision's
 activations for B0, same gradients); `create_model(..., lean=False)` or train.py's
 `--no-lean-activations` switches them off.
@@ -21,6 +22,7 @@ import contextlib
 import math
 import re
 from collections import OrderedDict, namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -308,6 +310,77 @@ def fuse_bn(model):
             m[0] = torch.nn.utils.fusion.fuse_conv_bn_eval(m[0], m[1])
             m[1] = nn.Identity()
     return model
+
+
+class OneDNNConv(nn.Module):
+    """A BN-fused conv and the SiLU after it as one oneDNN call, its weights put in oneDNN's layout
+    once rather than on every call. Inference only: the op has no gradient."""
+
+    def __init__(self, conv, act):
+        super().__init__()
+        self.args = [list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups]
+        self.weight = torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach(), *self.args)
+        self.bias = conv.bias.detach()
+        self.act = "swish" if isinstance(act, nn.SiLU) else "none"
+
+    def forward(self, x):
+        return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args, self.act, [], None)
+
+
+class MatVec(nn.Module):
+    """A 1x1 conv on 1x1 maps (squeeze-excite's two) as the matrix product it is: a conv call
+    costs more than the product there, and gains nothing from a second thread."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.weight, self.bias = conv.weight.detach().flatten(1), conv.bias.detach()
+
+    def forward(self, x):
+        return F.linear(x.flatten(1), self.weight, self.bias)[:, :, None, None]
+
+
+class CPUInference(nn.Module):
+    """fp32 inference on a CPU, as ONNX Runtime does it: each conv with its SiLU one oneDNN call
+    (OneDNNConv), squeeze-excite's 1x1 convs as matrix products (MatVec), and a batch split into
+    chunks of about `pixels` input pixels (4 images at 224 px), one chunk per core, each on one
+    thread: a small chunk keeps its activations in the caches, and a core that runs a chunk of its
+    own never waits for another. 1.2-1.3x eager at 64-224 px (docs/performance.md), the same
+    outputs to fp32 rounding. Made from a fused eval model (fuse_bn) in place; no gradients."""
+
+    def __init__(self, model, pixels=200_000):
+        super().__init__()
+        self.model, self.pixels = model, pixels
+        for m in self.model.modules():
+            if isinstance(m, ConvBNAct) and isinstance(m[1], nn.Identity):
+                m[0], m[2] = OneDNNConv(m[0], m[2]), nn.Identity()
+            elif isinstance(m, SqueezeExcite):
+                m.fc1, m.fc2 = MatVec(m.fc1), MatVec(m.fc2)
+        self.pool = None  # threads started for the first batch that is split, ending with the model
+
+    @staticmethod
+    def available():
+        """x86 oneDNN in this PyTorch (its ARM build, on the Compute Library, lacks these fusions)."""
+        ops = torch.ops.mkldnn
+        return torch.backends.mkldnn.is_available() and hasattr(ops, "_convolution_pointwise") \
+            and not (hasattr(ops, "_is_mkldnn_acl_supported") and ops._is_mkldnn_acl_supported())
+
+    def _run(self, x):
+        with torch.inference_mode():  # grad mode is per thread
+            return self.model(x)
+
+    def forward(self, x):
+        threads = torch.get_num_threads()
+        chunk = max(1, min(self.pixels // (x.shape[2] * x.shape[3]), -(-len(x) // threads)))
+        parts = x.split(chunk)
+        if len(parts) == 1 or threads == 1:
+            return torch.cat([self.model(part) for part in parts])
+        if self.pool is None or self.pool_size != threads:
+            self.pool, self.pool_size = ThreadPoolExecutor(threads), threads
+        torch.set_num_threads(1)
+        try:
+            return torch.cat(list(self.pool.map(self._run, parts)))
+        finally:
+            torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ official files (ImageNet class names and torchvision's own eval transform) or th
 (class names from class_indices.json beside the file, or --class-indices).
 """
 import collections
+import copy
 import difflib
 import glob
 import json
@@ -32,7 +33,7 @@ import runtime
 import transforms
 import utils
 from checkpoint import WeightsError
-from model import VARIANTS
+from model import VARIANTS, CPUInference, EfficientNet
 from my_dataset import load_rgb
 
 
@@ -139,12 +140,20 @@ def predict(model, loader, device, topk, amp=False, tta=False):
                 yield i, p, c
 
 
-def computed_in(amp, device, info, weights):
+def fast_path(model, device, amp):
+    """The model predict runs: on a CPU in fp32, CPUInference where PyTorch has oneDNN (1.3x at
+    224 px, answers the same to fp32 rounding), made from `model` itself."""
+    if device.type == "cpu" and not amp and isinstance(model, EfficientNet) and CPUInference.available():
+        return CPUInference(model)
+    return model
+
+
+def computed_in(amp, device, info, weights, model):
     """The words that say how predict ran, for the summary line."""
     if info.get("source") == "export":
         return "ONNX Runtime" if weights.lower().endswith(".onnx") else "the exported program"
     if not amp:
-        return "fp32"
+        return "fp32, fused oneDNN convs" if isinstance(model, CPUInference) else "fp32"
     return f"{'fp16' if device.type == 'cuda' and not runtime.native_bf16(device) else 'bf16'} autocast (--amp)"
 
 
@@ -306,9 +315,12 @@ def main(args):
         print("note: --tta left off: this model was trained with --no-hflip, so mirror images may be other "
               "classes", file=sys.stderr)
 
+    # --cam's gradients need the model as it is
+    runner = fast_path(copy.deepcopy(model) if args.cam else model, device, args.amp)
+
     def results():
         yield from ({"path": p, "error": e} for p, e in missing)
-        for i, probs, classes in predict(model, loader, device, topk, args.amp, tta):
+        for i, probs, classes in predict(runner, loader, device, topk, args.amp, tta):
             if classes is None:
                 yield {"path": paths[i], "error": probs}
             else:
@@ -333,7 +345,7 @@ def main(args):
         wrote += [f"{args.plot} ({'all' if drawn == predicted else f'first {drawn} of'} {predicted} images)"] if drawn \
             else []
     if tally.total > 1:
-        print(f"{tally.summary()}; {computed_in(args.amp, device, info, args.weights)}", file=sys.stderr)
+        print(f"{tally.summary()}; {computed_in(args.amp, device, info, args.weights, runner)}", file=sys.stderr)
     if wrote:
         print(cli.printable(f"wrote {', '.join(wrote)}"), file=sys.stderr)
     return 1 if tally.failed else 0

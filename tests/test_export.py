@@ -93,7 +93,7 @@ def test_predict_on_an_exported_file_gives_the_checkpoints_answers(trained, fmt,
         assert result.stderr.rstrip().endswith(f"; {how}"), result.stderr  # the summary says what ran
         return [[(t["class"], t["prob"]) for t in json.loads(line)["topk"]] for line in result.stdout.splitlines()]
 
-    expected = answers(run / "best.pth", "fp32")
+    expected = answers(run / "best.pth", "fp32, fused oneDNN convs")
     got = answers(out, "ONNX Runtime" if fmt == "onnx" else "the exported program")
     assert [[c for c, _ in r] for r in got] == [[c for c, _ in r] for r in expected]
     assert [p for r in got for _, p in r] == pytest.approx([p for r in expected for _, p in r], abs=1e-4)

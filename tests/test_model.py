@@ -18,7 +18,7 @@ from torchvision.ops import StochasticDepth
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model as M  # noqa: E402
-from model import (VARIANTS, MBConv, WeightsError, create_model, efficientnet, fuse_bn,  # noqa: E402
+from model import (VARIANTS, CPUInference, MBConv, WeightsError, create_model, efficientnet, fuse_bn,  # noqa: E402
                    make_divisible, read_weights)
 
 NAMES = list(VARIANTS)  # b0 .. b7
@@ -289,6 +289,33 @@ def test_fuse_bn_keeps_outputs_and_removes_batchnorm():
     fused = fuse_bn(copy.deepcopy(model))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     assert rel_err(expected, output(fused, x)) <= TOL
+
+
+@pytest.mark.skipif(not CPUInference.available(), reason="this PyTorch has no oneDNN (mkldnn)")
+@pytest.mark.parametrize("name", ["b0", "b2"])
+def test_cpu_inference_gives_the_fused_models_outputs(name):
+    """predict.py's CPU path: every conv one oneDNN call, squeeze-excite as matrix products, and
+    the batch split into chunks run side by side on threads of their own. Each image must get
+    its own logits, in order, however the batch is split: one chunk, chunks run one after the
+    other (one thread), or on a pool of two; and the thread count is put back."""
+    fused = fuse_bn(randomise(efficientnet(name, num_classes=7), seed=5))
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1)).contiguous(
+        memory_format=torch.channels_last)  # 5 images: the last chunk is a short one
+    expected = output(fused, x)
+    fast = CPUInference(copy.deepcopy(fused), pixels=2 * 64 * 64)  # chunks of 2 images
+    assert not any(isinstance(m, nn.Conv2d) for m in fast.modules())
+    before = torch.get_num_threads()
+    try:
+        for threads, pixels in ((1, 2 * 64 * 64), (2, 2 * 64 * 64), (2, 10**9)):
+            torch.set_num_threads(threads)
+            fast.pixels = pixels
+            with torch.no_grad():
+                got = fast(x)
+            assert torch.get_num_threads() == threads
+            assert got.shape == (5, 7) and rel_err(expected, got) <= 1e-5, (threads, pixels)
+    finally:
+        torch.set_num_threads(before)
+    assert fast.pool is not None  # the two-thread run used the pool
 
 
 def _train_step(model, x, y, seed):

@@ -195,9 +195,10 @@ def test_a_script_run_in_the_test_process_answers_as_in_its_own(trained, tmp_pat
 
 
 def test_the_summary_says_how_the_model_ran(trained):
-    """The last line over many images names the precision: fp32 by default, bf16 autocast with
-    --amp (ONNX Runtime or the exported program for an exported file: tests/test_export.py)."""
+    """The last line over many images names the precision and the path: fp32 through CPUInference
+    (fused oneDNN convs) by default, bf16 autocast with --amp (ONNX Runtime or the exported
+    program for an exported file: tests/test_export.py)."""
     data, run = trained
-    for flags, how in (([], "; fp32"), (["--amp"], "; bf16 autocast (--amp)")):
+    for flags, how in (([], "; fp32, fused oneDNN convs"), (["--amp"], "; bf16 autocast (--amp)")):
         err = run_script("predict.py", data, "--weights", run / "best.pth", *flags).stderr
         assert err.splitlines()[-1].startswith("30 inputs: 30 predicted") and err.rstrip().endswith(how), err
