@@ -210,6 +210,27 @@ def test_signal_saves_and_prints_resume_command(tiny_data, tmp_path, sig, group)
     assert last["epoch"] >= 1 and len(last["history"]) == last["epoch"]
 
 
+def test_a_worker_dying_after_the_signal_does_not_change_the_stop(tiny_data, tmp_path):
+    """A loader worker that dies just after the signal (one still starting when Ctrl-C or
+    `timeout` reached the whole group, before it could end quietly) stopped the run as an
+    unexpected worker exit raised while train.py was saying how to resume, which then read
+    "interrupted before training started". The stop must stay a stop: exit 130, the epoch, the
+    resume command."""
+    run = tmp_path / "run"
+    proc = start(["--data-path", tiny_data, "--output-dir", run, *FAST, "--workers", "2", "--epochs", "50"])
+    wait_for_epoch(run, 1, proc)
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        workers = [int(pid) for pid in f.read().split()]
+    assert workers
+    proc.send_signal(signal.SIGTERM)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted in epoch" in err and f"python train.py --resume {run / 'last.pth'}" in err, err
+    assert "before training started" not in err and "Traceback" not in err, err
+
+
 # ---- files are replaced whole or not at all ---------------------------------------------------
 
 def test_failed_save_leaves_previous_checkpoint(tmp_path):
