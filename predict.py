@@ -66,8 +66,8 @@ def get_args_parser():
     p.add_argument("--cam-class", default=None, metavar="NAME",
                    help="with --cam: the class whose map to draw (default: each image's top class)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 on GPUs without native bf16): faster "
-                   "on GPUs and AMX CPUs (1.2-1.4x); probabilities differ from fp32's by up to 0.02, and the top "
-                   "class of a near tie can change")
+                   "on GPUs; on a CPU no faster than fp32's fused oneDNN path. Probabilities differ from fp32's by "
+                   "up to 0.02, and the top class of a near tie can change")
     return p
 
 

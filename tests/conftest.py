@@ -63,7 +63,8 @@ def run_in_process(cmd, timeout):
     process (signal handlers, warning filters, the RNG) is put back afterwards."""
     streams = [io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2)]
     saved = sys.argv, sys.stdout, sys.stderr
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD)}
+    handlers = {s: signal.getsignal(s)
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD)}
     rng = torch.get_rng_state()
     sys.argv, (sys.stdout, sys.stderr) = cmd[1:], streams
     code = 0
