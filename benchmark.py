@@ -16,6 +16,7 @@ import csv
 import importlib.util
 import json
 import os
+import platform
 import re
 import resource
 import signal
@@ -718,8 +719,24 @@ def main(args):
     return rows
 
 
+def cpu_name():
+    """The CPU as lscpu names it, and whether it has AMX or AVX512-BF16 (bf16 speed hangs on them):
+    every figure depends on it, so each report starts with it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    field = lambda key: (re.findall(rf"^{key}\s*:\s*(.*)$", info, re.M) or [""])[0].strip()  # noqa: E731
+    flags = set(field("flags").split())
+    bf16 = "AMX" if "amx_bf16" in flags else "AVX512-BF16, no AMX" if "avx512_bf16" in flags else "no native bf16"
+    return f"{field('model name') or platform.machine()} ({os.cpu_count()} CPUs, {bf16})"
+
+
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
+    if not args.contender:
+        print(f"CPU: {cpu_name()}")
     try:
         if args.startup is not None:
             startup(args)

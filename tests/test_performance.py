@@ -113,6 +113,7 @@ def test_benchmark_whole_commands_run_and_compare(tmp_path):
                                             "predict.py over 8 500x375 JPEGs at 224 px vs ONNX Runtime",
                                             "the same, predict.py --amp"], out
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows), out
+    assert re.match(r"CPU: .+ \(\d+ CPUs, (AMX|AVX512-BF16, no AMX|no native bf16)\)\n", out), out  # what they hang on
 
 
 def test_time_to_accuracy_runs_both_programs_and_stops_them_at_the_target(tmp_path):
