@@ -359,7 +359,8 @@ class CPUInference(nn.Module):
 
     @staticmethod
     def available():
-        """x86 oneDNN in this PyTorch (its ARM build, on the Compute Library, lacks these fusions)."""
+        """oneDNN's fused ops in this PyTorch, on x86 (ARM builds, on the Compute Library, stay eager:
+        untested there)."""
         ops = torch.ops.mkldnn
         return torch.backends.mkldnn.is_available() and hasattr(ops, "_convolution_pointwise") \
             and not (hasattr(ops, "_is_mkldnn_acl_supported") and ops._is_mkldnn_acl_supported())
