@@ -427,6 +427,7 @@ def csv_row(result, topk):
 
 
 def on_sigterm(signum, frame):
+    runtime.stop_watching_workers()
     raise KeyboardInterrupt  # as Ctrl-C: an output being written is removed, not left half-made
 
 

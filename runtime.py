@@ -156,6 +156,16 @@ def quiet_on_sigterm(worker_id=None):
         signal.signal(sig, lambda signum, frame: os._exit(0))
 
 
+def stop_watching_workers():
+    """In the main process, on the user's Ctrl-C or SIGTERM: a loader worker that dies of the same
+    signal (one still starting when it reached the whole group, before quiet_on_sigterm) is part
+    of the stop. PyTorch's SIGCHLD handler would raise it as a worker error, with a traceback,
+    while the stop is being reported; a handler that does nothing takes its place (not SIG_DFL: a
+    SIGCHLD already pending would then be reported as "ignored due to race condition")."""
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Distributed processes (torchrun)
 # ---------------------------------------------------------------------------------------------

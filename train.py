@@ -728,10 +728,7 @@ def failed(args, done, error, advice):
 
 def on_signal(signum, frame):
     SIGNALLED.append(signum)
-    # the loader's workers may die of the same signal (one still starting when it reached the whole
-    # group): PyTorch's SIGCHLD handler would raise that as an error while the stop is reported
-    if hasattr(signal, "SIGCHLD"):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    runtime.stop_watching_workers()
     raise KeyboardInterrupt  # SIGTERM, SIGHUP (a closed terminal) as Ctrl-C: last.pth stays, the resume command shown
 
 

@@ -202,3 +202,26 @@ def test_the_summary_says_how_the_model_ran(trained):
     for flags, how in (([], "; fp32, fused oneDNN convs"), (["--amp"], "; bf16 autocast (--amp)")):
         err = run_script("predict.py", data, "--weights", run / "best.pth", *flags).stderr
         assert err.splitlines()[-1].startswith("30 inputs: 30 predicted") and err.rstrip().endswith(how), err
+
+
+def test_a_worker_dying_after_the_signal_does_not_change_the_stop(trained):
+    """SIGTERM, then a loader worker dying (one still starting when the signal reached the whole
+    group): the stop stays a stop, "interrupted" and exit 130, not a worker error with a traceback."""
+    import signal
+    import subprocess
+    import sys
+    _, run = trained
+    digits = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "digits")  # 1,797 images
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "predict.py"),
+                             digits, "--weights", str(run / "best.pth"), "--batch-size", "4", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # the first answer: the workers are at work
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        workers = [int(pid) for pid in f.read().split()]
+    assert workers
+    proc.send_signal(signal.SIGTERM)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
