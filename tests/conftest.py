@@ -55,6 +55,17 @@ def run_script(script, *args, cwd=None, timeout=300, check=True, process=False):
 IN_PROCESS = ("train.py", "predict.py", "export.py")
 
 
+def sigterm_then_kill_workers(proc):
+    """SIGTERM to a script's process, then SIGKILL to its data loader workers (its children): a
+    worker dying just after the user's signal, as one still starting when it reached the group."""
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        workers = [int(pid) for pid in f.read().split()]
+    assert workers, "no loader worker to kill"
+    proc.send_signal(signal.SIGTERM)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+
+
 def run_in_process(cmd, timeout):
     """`python SCRIPT ARGS` in this process: runpy runs the script as __main__ with sys.argv, stdout
     and stderr of its own; an exit code as Python's would be (SystemExit's, 1 and a traceback for

@@ -12,7 +12,7 @@ from PIL import Image
 
 import model as M
 import utils
-from conftest import run_script
+from conftest import run_script, sigterm_then_kill_workers
 
 PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
 
@@ -207,7 +207,6 @@ def test_the_summary_says_how_the_model_ran(trained):
 def test_a_worker_dying_after_the_signal_does_not_change_the_stop(trained):
     """SIGTERM, then a loader worker dying (one still starting when the signal reached the whole
     group): the stop stays a stop, "interrupted" and exit 130, not a worker error with a traceback."""
-    import signal
     import subprocess
     import sys
     _, run = trained
@@ -216,12 +215,7 @@ def test_a_worker_dying_after_the_signal_does_not_change_the_stop(trained):
                              digits, "--weights", str(run / "best.pth"), "--batch-size", "4", "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.readline()  # the first answer: the workers are at work
-    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-        workers = [int(pid) for pid in f.read().split()]
-    assert workers
-    proc.send_signal(signal.SIGTERM)
-    for pid in workers:
-        os.kill(pid, signal.SIGKILL)
+    sigterm_then_kill_workers(proc)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err

@@ -15,7 +15,7 @@ from PIL import Image
 
 import checkpoint
 import outputs
-from conftest import FAST, ROOT, copy_digits, run_script
+from conftest import FAST, ROOT, copy_digits, run_script, sigterm_then_kill_workers
 
 
 def train(*args, cwd=None):
@@ -219,12 +219,7 @@ def test_a_worker_dying_after_the_signal_does_not_change_the_stop(tiny_data, tmp
     run = tmp_path / "run"
     proc = start(["--data-path", tiny_data, "--output-dir", run, *FAST, "--workers", "2", "--epochs", "50"])
     wait_for_epoch(run, 1, proc)
-    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-        workers = [int(pid) for pid in f.read().split()]
-    assert workers
-    proc.send_signal(signal.SIGTERM)
-    for pid in workers:
-        os.kill(pid, signal.SIGKILL)
+    sigterm_then_kill_workers(proc)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted in epoch" in err and f"python train.py --resume {run / 'last.pth'}" in err, err
