@@ -14,13 +14,41 @@ from outputs import atomic_write, atomic_write_text
 
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "epoch_seconds",
-                 "images_per_second"]
+                 "images_per_second", "data_wait"]
 
 
 def write_metrics(path, history):
+    """metrics.csv, a row per epoch; a field that epochs of a resumed older run lack is nan there."""
     lines = [",".join(METRIC_FIELDS)]
-    lines += [",".join(_fmt(row[k]) for k in METRIC_FIELDS) for row in history]
+    lines += [",".join(_fmt(row.get(k, math.nan)) for k in METRIC_FIELDS) for row in history]
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+class TensorBoardLog:
+    """--tensorboard: each epoch's row of metrics.csv as TensorBoard scalars, in event files in the
+    run folder (`tensorboard --logdir weights/` shows every run beside the others). `start`: the
+    first epoch this command trains; on --resume, what an interrupted command logged from there on
+    is hidden, so each epoch is drawn once. Needs the tensorboard package (TENSORBOARD_INSTALL)."""
+
+    TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "val_top1": "accuracy/val_top1",
+            "val_top5": "accuracy/val_top5", "lr": "lr", "images_per_second": "speed/images_per_second",
+            "data_wait": "speed/data_wait_share"}
+
+    def __init__(self, folder, start):
+        from torch.utils.tensorboard import SummaryWriter  # only here: the package is optional
+        self.writer = SummaryWriter(folder, purge_step=start if start > 1 else None)
+
+    def epoch(self, row):
+        for field, tag in self.TAGS.items():
+            if math.isfinite(row[field]):
+                self.writer.add_scalar(tag, row[field], row["epoch"])
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+TENSORBOARD_INSTALL = "pip install -r requirements-tensorboard.txt"
 
 
 def _fmt(value):
@@ -188,7 +216,7 @@ def plot_confusion(confusion, classes, path, title="confusion matrix"):
     size = min(4 + 0.45 * n, 30)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     recall = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
-    im = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
+    im = ax.imshow(recall.numpy(), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
     ax.set_xticklabels([printable(c) for c in classes], rotation=90 if n > 6 else 0)

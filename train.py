@@ -25,6 +25,7 @@ if __name__ == "__main__":  # Ctrl-C, SIGTERM or SIGHUP while the libraries load
 
 import argparse  # noqa: E402
 import fcntl  # noqa: E402
+import importlib.util  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -52,7 +53,8 @@ from model import VARIANTS, create_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # flags a resumed run may change; the others come from the run itself
-RESUMABLE = ("epochs", "device", "workers", "data_path", "resume", "lr", "clip_grad", "amp")
+RESUMABLE = ("epochs", "device", "workers", "data_path", "resume", "lr", "clip_grad", "amp", "patience",
+             "tensorboard")
 # what runs saved before these flags existed did; other new flags take their defaults on --resume
 BEFORE_FLAG = {"drop_path": 0.2, "precise_bn": 0}
 
@@ -105,6 +107,8 @@ def get_args_parser():
                             "seen as validation sees them, so they fit the weights evaluated (0: off)")
     optim.add_argument("--grad-accum", type=int, default=1, help="accumulate gradients over this many batches")
     optim.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    optim.add_argument("--patience", type=int, default=0, metavar="N",
+                       help="early stopping: end the run after N epochs without a better best.pth (0: off)")
 
     augment = p.add_argument_group("augmentation")
     augment.add_argument("--crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("MIN", "MAX"),
@@ -156,6 +160,9 @@ def get_args_parser():
                      help="with --eval-only: average each image's probabilities with its mirror image's")
     run.add_argument("--log-interval", type=float, default=30,
                      help="seconds between progress lines when the output is not a terminal (a log file, nohup)")
+    run.add_argument("--tensorboard", action="store_true",
+                     help=f"also write each epoch's figures as TensorBoard event files into the run folder "
+                          f"(needs: {reports.TENSORBOARD_INSTALL})")
     return p
 
 
@@ -194,6 +201,10 @@ def check_args(p, args):
         p.error(f"--ra-magnitude must be between 0 and 30 (got {args.ra_magnitude}); 9 is usual")
     if args.ra_magnitude != 9 and args.auto_augment != "ra":
         p.error("--ra-magnitude is the strength of RandAugment: use it with --auto-augment ra")
+    if args.patience < 0:
+        p.error(f"--patience is a number of epochs, 0 (off) or more (got {args.patience})")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        p.exit(2, f"error: --tensorboard needs the tensorboard package: {reports.TENSORBOARD_INSTALL}\n")
     if not 0 <= args.precise_bn:
         p.error(f"--precise-bn is a number of images, 0 or more (got {args.precise_bn})")
     if not 0 < args.ema_decay < 1:
@@ -261,6 +272,8 @@ def resume_args(args, parser):
     restored.resume, restored.eval_only = path, args.eval_only
     if args.eval_only:  # evaluating the run, not continuing it: where to write and how are this command's
         restored.output_dir = args.output_dir if args.resume else None
+        if "data_path" not in given:
+            restored.data_path = trained_data_path(restored.data_path, path)
         restored.tta, restored.exist_ok = args.tta, args.exist_ok
     changed = [f"--{k.replace('_', '-')} {v} (was {ckpt['meta']['args'].get(k)})" for k, v in given.items()
                if k in ("lr", "clip_grad", "amp") and v != ckpt["meta"]["args"].get(k)]
@@ -475,7 +488,20 @@ def trained_as(args, parser):
     for flag in ("seed", "val_rate"):
         if getattr(args, flag) == parser.get_default(flag):
             setattr(args, flag, fields[flag][0])
+    if args.data_path == parser.get_default("data_path") and trained.get("data_path", args.data_path) != args.data_path:
+        args.data_path = trained_data_path(trained["data_path"], args.weights)
     return meta
+
+
+def trained_data_path(folder, weights):
+    """The data folder `weights` was trained on, for --eval-only without --data-path: said, or
+    refused in one line when it is not on this machine."""
+    if not isinstance(folder, str) or "\0" in folder or not os.path.isdir(folder):
+        raise cli.UsageError(f"--eval-only: {weights} was trained on {cli.printable(str(folder)[:200])}, which is "
+                             "not a folder here; pass --data-path with the class folders to evaluate on")
+    runtime.print0(f"evaluating on {cli.printable(folder)}, the data {weights} was trained on (--data-path to "
+                   "choose other data)")
+    return folder
 
 
 def trained_without_flips(args, meta):
@@ -520,6 +546,9 @@ def main(args, parser):
     # the device first (--device may come from the resumed run): it decides torchrun's backend
     device = runtime.choose_device(args.device, *runtime.torchrun_local())
     rank, world, _ = runtime.setup_distributed(device)
+    if ckpt is not None and not args.eval_only and (line := nothing_left(args, ckpt)):
+        runtime.print0(line)
+        return 0
     if device.type == "cpu":
         runtime.keep_freed_memory()
     runtime.configure_cuda(device, train=not args.eval_only)
@@ -567,69 +596,45 @@ def save_last(args, models, meta, progress, optimization):
 
 
 def fit(args, models, data, optimization, progress, meta, device):
-    """The epoch loop: train, evaluate, save best.pth, last.pth, metrics and plots; the exit code."""
-    optimizer, scheduler, scaler = optimization
+    """The epoch loop: train, validate, keep the best epoch, save the run's files; the exit code."""
+    optimizer = optimization[0]
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     is_main, classes = runtime.rank() == 0, data.split.classes
-    out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
     done = progress["epoch"]  # the last epoch whose state last.pth holds
     stuck = 0  # epochs in a row whose validation says nothing has been learned
     mix = transforms.build_mix(args.mixup_alpha, args.cutmix_alpha, len(classes))
-    counts = torch.bincount(torch.as_tensor(data.split.train_labels), minlength=len(classes))
-    imbalanced = counts.max() >= 2 * counts.min()  # then each epoch shows every class's recall
+    board = reports.TensorBoardLog(args.output_dir, done + 1) if args.tensorboard and is_main else None
     try:
-        for epoch in range(progress["epoch"] + 1, args.epochs + 1):
+        for epoch in range(done + 1, args.epochs + 1):
             data.train_sampler.set_epoch(epoch)
             start = time.perf_counter()
-            train_loss, rate = utils.train_one_epoch(models.train, criterion, optimizer, data.train_loader, device,
-                                                     epoch, args, scheduler, scaler, models.ema, is_main, mix)
-            if data.bn_loader is not None:  # statistics that describe the weights being evaluated
-                plain = models.raw if models.ema is None else models.ema.module
-                utils.precise_bn(plain, data.bn_loader, device, args.channels_last, is_main)
-            else:  # BatchNorm statistics drift apart on each rank: evaluate (and save) rank 0's everywhere
-                runtime.broadcast_buffers(models.eval)
-            utils.check_finite(models.raw, epoch)
-            result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last, is_main)
+            trained = utils.train_one_epoch(models.train, criterion, optimizer, data.train_loader, device, epoch,
+                                            args, *optimization[1:], models.ema, is_main, mix)
+            result = validate(args, models, data, device, epoch)
             read = int(result["confusion"].sum())  # the validation images that could be read
-            if read and not math.isfinite(result["val_loss"]):
-                raise utils.NonFiniteLossError(f"the validation loss became {result['val_loss']} in epoch {epoch}")
-            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": trained.loss,
                    **{k: result[k] if read else math.nan for k in ("val_loss", "val_top1", "val_top5")},
-                   "epoch_seconds": time.perf_counter() - start, "images_per_second": rate}
+                   "epoch_seconds": time.perf_counter() - start, "images_per_second": trained.images_per_second,
+                   "data_wait": trained.data_wait}
             progress["history"].append(row)
-            problem = reports.learning_problem(result["confusion"], classes)
-            stuck = stuck + 1 if problem else 0
-            better = read and result["val_top1"] > progress["best_top1"]
-            if better and not read_as_many(result, progress):
-                better = False
-                runtime.print0(f"  note: top-1 {result['val_top1']:.4f} is over the {read} validation images that "
-                               f"could be read; best.pth (epoch {progress['best_epoch']}) was scored on more of them, "
-                               "so it stays", file=sys.stderr)
-            if better:
-                progress.update(best_top1=result["val_top1"], best_epoch=epoch, best_confusion=result["confusion"],
-                                best_predictions=result["predictions"])
-                if is_main:
-                    plain = models.raw if models.ema is None else models.ema.module
-                    checkpoint.save_best(out("best.pth"), plain, meta, epoch, result["val_top1"])
+            if read and better_than_best(result, progress):
+                keep_best(args, models, meta, progress, epoch, result)
             progress["epoch"] = epoch
+            if board is not None:  # before last.pth: a resumed run hides what was logged after it
+                board.epoch(row)
             save_last(args, models, meta, progress, optimization)
             done = epoch
             if is_main:
-                reports.write_metrics(out("metrics.csv"), progress["history"])
-                reports.plot_curves(progress["history"], out("curves.png"), len(classes), progress["best_epoch"])
-                if not os.path.exists(out("class_distribution.png")):  # drawn here, not before the first step
-                    reports.plot_class_distribution(data.split, out("class_distribution.png"))
+                write_plots(args, progress, data.split)
             if not read:  # this epoch's training is kept; what is there to validate on must be fixed first
                 return failed(args, done, f"no validation image could be read in epoch {epoch} (named above)",
                               f"check the files under {args.data_path}, then resume with: {resume_command(args)}")
-            runtime.print0(epoch_line(args, row, progress["history"], len(classes), problem if stuck >= 2 else None))
-            if read < len(data.split.val_images):
-                runtime.print0(f"  {len(data.split.val_images) - read} of {len(data.split.val_images)} validation "
-                               "images could not be read (named above); top-1 is over the others")
-            if imbalanced:
-                runtime.print0("  " + reports.recall_line(result["confusion"], classes))
-            if data.check is not None:  # a large folder's headers, read while this epoch ran
-                data.check.report()
+            problem = reports.learning_problem(result["confusion"], classes)
+            stuck = stuck + 1 if problem else 0
+            report_epoch(args, row, result, progress["history"], data, problem if stuck >= 2 else None)
+            if args.patience and epoch - (progress["best_epoch"] or 0) >= args.patience and epoch < args.epochs:
+                runtime.print0(stopped_early(args, progress))
+                break
         if data.check is not None:
             data.check.report(wait=True)
         finish(args, progress, data.split)
@@ -648,7 +653,90 @@ def fit(args, models, data, optimization, progress, meta, device):
         return failed(args, done, f"a data loader worker died in epoch {done + 1} (\"{str(e).splitlines()[0]}\"); "
                       "out of memory?", f"resume with fewer --workers: {resume_command(args)} --workers "
                       f"{args.workers // 2}")
+    finally:
+        if board is not None:
+            board.close()
     return 0
+
+
+def validate(args, models, data, device, epoch):
+    """utils.evaluate's figures for the weights to be saved, after their BatchNorm statistics were
+    made to fit them; NonFiniteLossError when the weights or the validation loss are not finite."""
+    if data.bn_loader is not None:  # statistics that describe the weights being evaluated
+        plain = models.raw if models.ema is None else models.ema.module
+        utils.precise_bn(plain, data.bn_loader, device, args.channels_last, runtime.rank() == 0)
+    else:  # BatchNorm statistics drift apart on each rank: evaluate (and save) rank 0's everywhere
+        runtime.broadcast_buffers(models.eval)
+    utils.check_finite(models.raw, epoch)
+    result = utils.evaluate(models.eval, data.val_loader, device, len(data.split.classes), args.channels_last,
+                            runtime.rank() == 0)
+    if result["confusion"].sum() and not math.isfinite(result["val_loss"]):
+        raise utils.NonFiniteLossError(f"the validation loss became {result['val_loss']} in epoch {epoch}")
+    return result
+
+
+def best_row(progress):
+    """The history row of the epoch best.pth holds, or None (no epoch yet, or a run saved before
+    last.pth kept the best epoch's number)."""
+    return next((r for r in progress["history"] if r["epoch"] == progress["best_epoch"]), None)
+
+
+def better_than_best(result, progress):
+    """Whether this epoch replaces best.pth: a higher val top-1, or the same top-1 with a lower val
+    loss. A small validation set's top-1 moves in coarse steps and can stay the same for many
+    epochs while the model goes on improving; the loss tells those epochs apart. Under torchrun
+    every rank holds the same all-reduced figures, so all of them decide alike."""
+    if result["val_top1"] < progress["best_top1"]:
+        return False
+    best = best_row(progress)
+    if result["val_top1"] == progress["best_top1"] and not (best and result["val_loss"] < best["val_loss"]):
+        return False
+    if not read_as_many(result, progress):
+        runtime.print0(f"  note: top-1 {result['val_top1']:.4f} is over the {int(result['confusion'].sum())} "
+                       f"validation images that could be read; best.pth (epoch {progress['best_epoch']}) was "
+                       "scored on more of them, so it stays", file=sys.stderr)
+        return False
+    return True
+
+
+def keep_best(args, models, meta, progress, epoch, result):
+    progress.update(best_top1=result["val_top1"], best_epoch=epoch, best_confusion=result["confusion"],
+                    best_predictions=result["predictions"])
+    if runtime.rank() == 0:
+        plain = models.raw if models.ema is None else models.ema.module
+        checkpoint.save_best(os.path.join(args.output_dir, "best.pth"), plain, meta, epoch, result["val_top1"])
+
+
+def write_plots(args, progress, split):
+    """metrics.csv and the pictures that change each epoch."""
+    out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
+    reports.write_metrics(out("metrics.csv"), progress["history"])
+    reports.plot_curves(progress["history"], out("curves.png"), len(split.classes), progress["best_epoch"])
+    if not os.path.exists(out("class_distribution.png")):  # drawn here, not before the first step
+        reports.plot_class_distribution(split, out("class_distribution.png"))
+
+
+def report_epoch(args, row, result, history, data, problem):
+    """The epoch's line, and what validation says beside it: `problem` (no learning for a while),
+    unreadable images, each class's recall where some classes have far more training images."""
+    classes = data.split.classes
+    runtime.print0(epoch_line(args, row, history, len(classes), problem))
+    read, total = int(result["confusion"].sum()), len(data.split.val_images)
+    if read < total:
+        runtime.print0(f"  {total - read} of {total} validation images could not be read (named above); top-1 "
+                       "is over the others")
+    counts = torch.bincount(torch.as_tensor(data.split.train_labels), minlength=len(classes))
+    if counts.max() >= 2 * counts.min():  # imbalanced: each epoch shows every class's recall
+        runtime.print0("  " + reports.recall_line(result["confusion"], classes))
+    if data.check is not None:  # a large folder's headers, read while this epoch ran
+        data.check.report()
+
+
+def stopped_early(args, progress):
+    epoch, best = progress["epoch"], progress["best_epoch"]
+    return (f"stopping early after epoch {epoch} of {args.epochs}: no better best.pth for {args.patience} epochs "
+            f"(--patience {args.patience}; best.pth holds epoch {best}). To train on: {resume_command(args)} "
+            f"--patience {2 * args.patience}")
 
 
 def read_as_many(result, progress):
@@ -690,13 +778,43 @@ def finish(args, progress, split):
         elif predictions is not None:
             runtime.print0(reports.write_mistakes(args.output_dir, progress["best_predictions"], split,
                                               f"validation, epoch {best_epoch} (best.pth)"))
-    runtime.print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}")
+    runtime.print0(f"done: best val top-1 {best:.4f}; {out('best.pth')}{best_reason(progress)}")
     runtime.print0(f"predict with: python predict.py IMAGES --weights {shlex.quote(out('best.pth'))}")
     problem = confusion is not None and reports.learning_problem(confusion, classes)
     if problem:
         runtime.print0(f"warning: the model has not learned to tell the classes apart: {problem}. Try more "
                      f"--epochs, pretrained --weights (see README), or a lower --lr (this run: {args.lr:g})",
                      file=sys.stderr)
+
+
+def best_reason(progress):
+    """Which epoch best.pth holds and why, as the end of the run's last line."""
+    best = best_row(progress)
+    if best is None:
+        return ""
+    ties = [r for r in progress["history"] if r["val_top1"] == best["val_top1"]]
+    if len(ties) == 1:
+        return f" holds epoch {best['epoch']}, the one with that top-1"
+    lowest = min(r["val_loss"] for r in ties) == best["val_loss"]
+    return (f" holds epoch {best['epoch']}: {len(ties)} epochs reached that top-1, and "
+            + ("its val loss was the lowest of them" if lowest else "it was the first")
+            + f" ({best['val_loss']:.4f})")
+
+
+def nothing_left(args, ckpt):
+    """For --resume of a run with nothing left to do (all its epochs trained, or stopped by
+    --patience): the line that says so and how to go on; None when there is training to do."""
+    last, done = args.resume, ckpt["epoch"]
+    best = f"best.pth holds epoch {ckpt.get('best_epoch')}" if ckpt.get("best_epoch") else "no best.pth yet"
+    if done >= args.epochs:
+        return (f"{last} has finished its run: it holds epoch {done} of --epochs {args.epochs} ({best}). To "
+                f"train it longer: {resume_command(args)} --epochs M, with M more than {done}")
+    since = done - (ckpt.get("best_epoch") or 0)
+    if args.patience and since >= args.patience:
+        return (f"{last} stopped early at epoch {done} of {args.epochs}: no better best.pth for {since} epochs "
+                f"(--patience {args.patience}; {best}). To train on: {resume_command(args)} --patience M, with M "
+                f"more than {since} (0: no early stop)")
+    return None
 
 
 def resume_command(args):

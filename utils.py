@@ -364,11 +364,30 @@ def to_device(images, labels, device, channels_last):
             labels.to(device, non_blocking=True))
 
 
+# what train_one_epoch returns: the mean loss over all ranks, images per second, and the share of
+# the epoch's time this process spent waiting for the loader's next batch (0.3: the GPU or CPU
+# waited for data 30 % of the time; more --workers, or a cheaper augmentation, would help)
+EpochFigures = namedtuple("EpochFigures", "loss images_per_second data_wait")
+
+
+def timed(iterable, waited):
+    """The items of `iterable`; the seconds spent waiting for each are added to waited[0]."""
+    it = iter(iterable)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - start
+        yield item
+
+
 def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, scheduler, scaler, ema=None,
                     show=True, mix=None):
-    """One pass over `loader`; returns (mean loss over all ranks, images/s). The scheduler steps
-    once per optimizer step; from `args`: amp, grad_accum, clip_grad (0: off), channels_last.
-    `mix` (MixUp or CutMix) blends each batch and turns its labels into soft targets."""
+    """One pass over `loader`; returns its EpochFigures. The scheduler steps once per optimizer
+    step; from `args`: amp, grad_accum, clip_grad (0: off), channels_last. `mix` (MixUp or
+    CutMix) blends each batch and turns its labels into soft targets."""
     model.train()
     for m in model.modules():  # frozen BatchNorm layers (--freeze-layers) keep their statistics too
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
@@ -385,7 +404,8 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
     bar = tqdm(loader, desc=f"epoch {epoch} train", disable=not terminal, leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     smallest = 1 if args.img_size > 32 else 2  # at 32 px BatchNorm's 1x1 maps need two images (check_args)
-    for step, (images, labels) in enumerate(bar):
+    waited = [0.0]
+    for step, (images, labels) in enumerate(timed(bar, waited)):
         if len(images) < smallest:  # unreadable files left less than BatchNorm needs
             continue
         images, labels = to_device(images, labels, device, args.channels_last)
@@ -427,7 +447,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
                   f"{seen / (now - start):.1f} img/s  epoch ends in {duration(left)}", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
     sums = all_reduce_sum(torch.stack([loss_sum, torch.tensor(seen, dtype=loss_sum.dtype, device=device)]))
-    return sums[0].item() / max(sums[1].item(), 1), sums[1].item() / elapsed
+    return EpochFigures(sums[0].item() / max(sums[1].item(), 1), sums[1].item() / elapsed, waited[0] / elapsed)
 
 
 def duration(seconds):

@@ -266,8 +266,8 @@ def test_nothing_in_float64_is_made_on_an_apple_gpu():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     mps = torch.device("mps")
     with OnCPU("mps") as on_mps:
-        loss, _ = utils.train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, data, mps, 1, tiny_epoch_args(),
-                                        scheduler, torch.amp.GradScaler("mps", enabled=False), show=False)
+        loss = utils.train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, data, mps, 1, tiny_epoch_args(),
+                                     scheduler, torch.amp.GradScaler("mps", enabled=False), show=False).loss
         result = utils.evaluate(model, data, mps, 3, show=False)
     assert 0 < loss < 10 and result["confusion"].sum() == 12
     assert on_mps.made and torch.float64 not in on_mps.made, on_mps.made
@@ -314,7 +314,7 @@ def test_the_loss_is_read_back_from_a_gpu_every_few_steps_not_every_step(monkeyp
     """loss.item() on every micro-batch made the host wait for the GPU at every step."""
     FakeGPUs(monkeypatch, 1)
     with OnCPU("cuda"), Reads() as reads:
-        loss, _ = run_epoch(DivergesAt(step=10**9), torch.device("cuda", 0))
+        loss = run_epoch(DivergesAt(step=10**9), torch.device("cuda", 0)).loss
     assert 0 < loss < 10 and reads.count <= 4, reads.count  # the epoch's last check, its mean and rate
 
 

@@ -31,7 +31,11 @@ def run_main(*argv):
     parser = train_script.get_args_parser()
     args = parser.parse_args([str(a) for a in argv] + ["--device", "cpu"])
     train_script.check_args(parser, args)
-    return train_script.main(args, parser)
+    try:
+        return train_script.main(args, parser)
+    finally:  # as the script's end does: the run folders it locked are free for the next command
+        while train_script.LOCKED:
+            os.close(train_script.LOCKED.pop())
 
 
 @pytest.fixture
