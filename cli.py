@@ -16,6 +16,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with "(default: X)" where there is a default to show and the help text does not
     already say it."""
 
+    def __init__(self, prog, **kwargs):
+        super().__init__(prog, max_help_position=30, **kwargs)
+
     def _get_help_string(self, action):
         if "default" in (action.help or "") or action.default is None or action.default is False \
                 or not action.option_strings:
@@ -25,6 +28,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # flags of the tutorial's scripts that these scripts answer otherwise
 TUTORIAL_FLAGS = {"--num-classes": "the class count comes from the class folders under --data-path; no flag needed"}
+# what other training scripts call a flag that has another name here
+OTHER_NAMES = {"--early-stopping": "--patience", "--early-stop": "--patience", "--es-patience": "--patience",
+               "--pretrained": "--weights", "--learning-rate": "--lr", "--wd": "--weight-decay",
+               "--num-workers": "--workers", "--log-dir": "--tensorboard", "--logdir": "--tensorboard"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -40,9 +47,11 @@ class ArgumentParser(argparse.ArgumentParser):
             for word in message.split(":", 1)[1].split():
                 if word.startswith("--"):
                     typed = word.split("=")[0].replace("_", "-").lower()
-                    close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.6)
+                    close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.7)
                     if typed in TUTORIAL_FLAGS:
                         message += f" ({word.split('=')[0]}: {TUTORIAL_FLAGS[typed]})"
+                    elif OTHER_NAMES.get(typed) in flags:
+                        message += f" (did you mean {OTHER_NAMES[typed]}?)"
                     elif close:
                         message += f" (did you mean {close[0]}?)"
         super().error(message)

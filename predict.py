@@ -41,10 +41,13 @@ PLOT_LIMIT = 256  # 32 rows of 8: beyond that the grid takes minutes and gigabyt
 
 
 def get_args_parser():
-    p = cli.ArgumentParser(description="Predict the class of images with an EfficientNet.")
+    p = cli.ArgumentParser(description="Predict the class of images with an EfficientNet.",
+                           usage="%(prog)s PATH [PATH ...] --weights FILE|imagenet [--topk N] [--json] "
+                                 "[more flags, below]")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    p.add_argument("--weights", help="best.pth from train.py, or a torchvision / tutorial state_dict (required), "
-                   "or " + pretrained.NAMES_HELP)
+    p.add_argument("--weights", metavar="FILE|imagenet",
+                   help="(required) best.pth from train.py, its export (.onnx, .pt2), a torchvision or tutorial "
+                        "state_dict, or " + pretrained.NAMES_HELP)
     p.add_argument("--model", default=None, choices=list(VARIANTS),
                    help="variant (default: read from the weights; with --weights imagenet, b0)")
     p.add_argument("--class-indices", default=None,

@@ -60,55 +60,59 @@ BEFORE_FLAG = {"drop_path": 0.2, "precise_bn": 0}
 
 
 def get_args_parser():
-    p = cli.ArgumentParser(description="Train EfficientNet B0-B7 on a folder of images.")
+    p = cli.ArgumentParser(description="Train EfficientNet B0-B7 on a folder of images.",
+                           usage="%(prog)s [--data-path DIR] [--model b0..b7] [--weights imagenet|FILE] [--epochs N]\n"
+                                 "                [--resume [FILE]] [--eval-only] [more flags, below]")
     data = p.add_argument_group("data")
-    data.add_argument("--data-path", default=os.path.join(HERE, "data", "digits"),
+    data.add_argument("--data-path", default=os.path.join(HERE, "data", "digits"), metavar="DIR",
                       help="folder with one sub-folder per class (or train/ and val/ folders of those)")
-    data.add_argument("--val-rate", type=float, default=0.2, help="fraction of each class held out for validation")
-    data.add_argument("--seed", type=int, default=0, help="seed of the data split and of training")
+    data.add_argument("--val-rate", type=float, default=0.2, metavar="F",
+                      help="fraction of each class held out for validation")
+    data.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the data split and of training")
     data.add_argument("--balance", action="store_true",
-                      help="draw every class equally often in training (for folders with far more images of some "
-                           "classes than of others)")
+                      help="draw every class equally often in training (for very unequal class folders)")
 
     model = p.add_argument_group("model")
     model.add_argument("--model", default="b0", choices=list(VARIANTS), help="EfficientNet variant")
-    model.add_argument("--img-size", type=int, default=None,
+    model.add_argument("--img-size", type=int, default=None, metavar="PX",
                        help="training resolution (default: the variant's, 224 for b0)")
-    model.add_argument("--weights", default=None,
-                       help="initial weights: torchvision's or the tutorial's file, a checkpoint, or "
-                            + pretrained.NAMES_HELP)
-    model.add_argument("--dropout", type=float, default=None,
+    model.add_argument("--weights", default=None, metavar="imagenet|FILE",
+                       help="start from these weights (default: none, training from scratch): imagenet for "
+                            "torchvision's ImageNet weights of --model (downloaded once; other names in README), a "
+                            "best.pth or last.pth, or a torchvision or tutorial state_dict file")
+    model.add_argument("--dropout", type=float, default=None, metavar="P",
                        help="dropout before the classifier (default: the variant's, 0.2 for b0 to 0.5 for b7)")
-    model.add_argument("--drop-path", type=float, default=0.0,
-                       help="stochastic depth: the rate at which the deepest block is skipped; the paper's 0.2 is "
-                            "for long runs on large data (see README)")
+    model.add_argument("--drop-path", type=float, default=0.0, metavar="P",
+                       help="stochastic depth of the deepest block; the paper's 0.2 suits long runs on large data")
     model.add_argument("--freeze-layers", action="store_true",
                        help="train only the last conv block (features.top) and the classifier")
 
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=30, help="number of epochs to train")
-    optim.add_argument("--batch-size", type=int, default=16, help="images per step on each process")
+    optim.add_argument("--epochs", type=int, default=30, metavar="N", help="number of epochs to train")
+    optim.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per step on each process")
     optim.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw", "rmsprop"], help="optimizer")
-    optim.add_argument("--lr", type=float, default=None,
-                       help="peak learning rate (default: adamw 1e-3, sgd 0.02, rmsprop 1e-3, for a global batch "
-                            "of 16; a quarter of that with --weights). Scale it with the global batch size")
-    optim.add_argument("--lrf", type=float, default=0.01,
+    optim.add_argument("--lr", type=float, default=None, metavar="X",
+                       help="peak learning rate (default: adamw 1e-3, sgd 0.02, rmsprop 1e-3 for a global batch of "
+                            "16, a quarter of that with --weights; scale it with the batch)")
+    optim.add_argument("--lrf", type=float, default=0.01, metavar="F",
                        help="final learning rate as a fraction of --lr (cosine decay)")
-    optim.add_argument("--weight-decay", type=float, default=None,
-                       help="weight decay, not applied to BatchNorm and biases (default: adamw 0.05, else 1e-5)")
-    optim.add_argument("--warmup-epochs", type=float, default=0.2, help="linear learning-rate warm-up, in epochs")
-    optim.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
+    optim.add_argument("--weight-decay", type=float, default=None, metavar="X",
+                       help="weight decay, not on BatchNorm and biases (default: adamw 0.05, else 1e-5)")
+    optim.add_argument("--warmup-epochs", type=float, default=0.2, metavar="N",
+                       help="linear learning-rate warm-up, in epochs")
+    optim.add_argument("--label-smoothing", type=float, default=0.1, metavar="X",
+                       help="label smoothing of the training loss")
     optim.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                       help="keep an exponential moving average of the weights; it is what gets evaluated and saved "
-                            "(--no-ema: the weights as trained)")
-    optim.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per optimizer step")
+                       help="evaluate and save a moving average of the weights (--no-ema: the weights as trained)")
+    optim.add_argument("--ema-decay", type=float, default=0.999, metavar="X", help="EMA decay per optimizer step")
     optim.add_argument("--precise-bn", type=int, default=256, metavar="N",
-                       help="before each validation, re-estimate BatchNorm statistics on (at most) N training images "
-                            "seen as validation sees them, so they fit the weights evaluated (0: off)")
-    optim.add_argument("--grad-accum", type=int, default=1, help="accumulate gradients over this many batches")
-    optim.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+                       help="re-estimate BatchNorm statistics on N training images before each validation; 0: off")
+    optim.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                       help="accumulate gradients over N batches")
+    optim.add_argument("--clip-grad", type=float, default=0.0, metavar="X",
+                       help="clip the gradient norm to X; 0: off")
     optim.add_argument("--patience", type=int, default=0, metavar="N",
-                       help="early stopping: end the run after N epochs without a better best.pth (0: off)")
+                       help="early stopping: end the run after N epochs without a better best.pth; 0: off")
 
     augment = p.add_argument_group("augmentation")
     augment.add_argument("--crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("MIN", "MAX"),
@@ -117,8 +121,9 @@ def get_args_parser():
                          help="no random horizontal flips (for data where mirroring changes the class: digits, text)")
     augment.add_argument("--auto-augment", default=None, choices=transforms.AUTO_AUGMENT,
                          help="augmentation policy: ta_wide (TrivialAugmentWide), ra (RandAugment), augmix (AugMix) "
-                              "or imagenet (AutoAugment's ImageNet policy)")
-    augment.add_argument("--ra-magnitude", type=int, default=9, help="strength of --auto-augment ra, 0 to 30")
+                              "or imagenet (AutoAugment's ImageNet policy) (default: none)")
+    augment.add_argument("--ra-magnitude", type=int, default=9, metavar="N",
+                         help="strength of --auto-augment ra, 0 to 30")
     augment.add_argument("--random-erase", type=float, default=0.0, metavar="P",
                          help="erase a random rectangle of each training image with probability P")
     augment.add_argument("--mixup-alpha", type=float, default=0.0, metavar="A",
@@ -129,40 +134,39 @@ def get_args_parser():
 
     hardware = p.add_argument_group("hardware and speed")
     hardware.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
-    hardware.add_argument("--workers", type=int, default=runtime.default_workers(), help="data loading processes")
+    hardware.add_argument("--workers", type=int, default=runtime.default_workers(), metavar="N",
+                          help="data loading processes")
     hardware.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                          help="mixed precision: bf16 or fp16 autocast (fp16 with a grad scaler); auto = bf16 on "
-                               "GPUs that have it natively (A100, RTX 30xx and later), fp16 on older GPUs, else off "
-                               "(on CPUs bf16 trains slower than fp32)")
+                          help="mixed precision (fp16 with a grad scaler); auto: bf16 on GPUs that have it (A100, "
+                               "RTX 30xx and later), fp16 on older GPUs, off on CPUs (bf16 is slower there)")
     hardware.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                           help="channels-last memory format (faster convolutions on CPU and tensor cores)")
     hardware.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
     hardware.add_argument("--grad-checkpointing", action="store_true",
                           help="recompute activations in backward: a quarter of the memory, about 20%% slower")
     hardware.add_argument("--lean-activations", action=argparse.BooleanOptionalAction, default=True,
-                          help="keep less for backward (BatchNormSiLU and SigmoidGate in model.py): 0.62x the "
-                               "activation memory, same gradients; --no-lean-activations uses plain autograd")
+                          help="keep less for backward: 0.62x the activation memory, the same gradients")
     hardware.add_argument("--sync-bn", action="store_true",
-                          help="synchronise BatchNorm statistics across GPUs under torchrun; BatchNorm layers then "
-                               "take plain autograd's path, so --lean-activations saves no memory on them")
+                          help="synchronise BatchNorm statistics across torchrun's GPUs (then --lean-activations "
+                               "saves nothing on them)")
 
     run = p.add_argument_group("run")
-    run.add_argument("--output-dir", default=None,
+    run.add_argument("--output-dir", default=None, metavar="DIR",
                      help="run folder (default: weights/<model>-<dataset>, never reused)")
     run.add_argument("--exist-ok", action="store_true", help="allow --output-dir to be a folder that holds a run")
     run.add_argument("--resume", nargs="?", const="", default=None, metavar="FILE",
                      help="continue from FILE (a last.pth), or from --output-dir's last.pth")
     run.add_argument("--eval-only", action="store_true",
-                     help="only evaluate --weights (or --resume) on the validation set, at the checkpoint's "
-                          "image size; writes predictions.csv and mistakes.png to --output-dir (default: a new "
-                          "folder eval/ beside the weights)")
+                     help="only evaluate --weights (or --resume) on the validation images of the data it was trained "
+                          "on; writes predictions.csv and mistakes.png to --output-dir (default: a new eval/ beside "
+                          "the weights)")
     run.add_argument("--tta", action="store_true",
                      help="with --eval-only: average each image's probabilities with its mirror image's")
-    run.add_argument("--log-interval", type=float, default=30,
+    run.add_argument("--log-interval", type=float, default=30, metavar="S",
                      help="seconds between progress lines when the output is not a terminal (a log file, nohup)")
     run.add_argument("--tensorboard", action="store_true",
-                     help=f"also write each epoch's figures as TensorBoard event files into the run folder "
-                          f"(needs: {reports.TENSORBOARD_INSTALL})")
+                     help=f"also write each epoch's figures for TensorBoard into the run folder (needs: "
+                          f"{reports.TENSORBOARD_INSTALL})")
     return p
 
 

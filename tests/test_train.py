@@ -217,6 +217,9 @@ def test_a_run_that_learned_nothing_says_so(tiny_data, tmp_path):
     ("train", ["--img_size", "64"], "--img-size"),
     ("predict", ["photo.jpg", "--weight", "x.pth"], "--weights"),
     ("predict", ["photo.jpg", "--top-k", "3"], "--topk"),
+    ("train", ["--early-stopping", "5"], "--patience"),
+    ("train", ["--pretrained"], "--weights"),
+    ("train", ["--num_workers", "4"], "--workers"),
 ])
 def test_typos_in_flags_are_not_taken_for_other_flags(script, argv, suggestion, capsys):
     """No abbreviations (--epoch is not --epochs), and the close flag is suggested."""
@@ -264,3 +267,17 @@ def test_interrupt_before_any_epoch_finished_says_so(tiny_data, tmp_path):
     assert "holds epoch 0" not in result.stderr
     result = run_script("train.py", "--resume", run / "last.pth", "--epochs", "1")
     assert "at epoch 1 (no epoch had finished)" in result.stdout and "-1.0000" not in result.stdout
+
+
+def test_usage_and_help_say_what_is_required_and_every_default():
+    """predict.py's usage shows --weights as required, as its help says; train.py's --weights says
+    that without it training starts from scratch, and a flag whose default is "none" says so."""
+    import predict
+    import train
+    assert " PATH [PATH ...] --weights FILE|imagenet [--topk N]" in predict.get_args_parser().format_usage()
+    entries = help_entries(train.get_args_parser().format_help())
+    assert "(default: none, training from scratch)" in entries["--weights"]
+    assert "(default: none)" in entries["--auto-augment"]
+    valued = [a.option_strings[0] for a in train.get_args_parser()._actions if a.option_strings and a.nargs != 0
+              and a.option_strings[0] != "--resume"]  # --resume [FILE]: without it, no resume
+    assert len(valued) > 30 and [flag for flag in valued if "default" not in entries[flag]] == []
