@@ -150,7 +150,7 @@ def test_unwritable_output_dir_fails_before_training(tiny_data, tmp_path):
 def test_resume_with_other_classes(tiny_data, tmp_path):
     run_script("train.py", "--data-path", tiny_data, "--output-dir", tmp_path / "run", *FAST, "--epochs", "1")
     other = copy_digits(tmp_path / "other", classes=("7", "8", "9"))
-    result = train("--resume", tmp_path / "run" / "last.pth", "--data-path", other)
+    result = train("--resume", tmp_path / "run" / "last.pth", "--data-path", other, "--epochs", "2")
     assert_user_error(result, "classes", "same data")
     assert epochs_logged(tmp_path / "run") == [1]
 

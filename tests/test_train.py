@@ -30,7 +30,7 @@ def test_run_writes_consistent_outputs(tiny_data, tmp_path):
     rows = read_csv(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert list(rows[0]) == ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5",
-                             "epoch_seconds", "images_per_second"]
+                             "epoch_seconds", "images_per_second", "data_wait"]
     for r in rows:
         assert 0 <= float(r["val_top1"]) <= float(r["val_top5"]) <= 1
         assert float(r["val_top5"]) == 1.0  # 3 classes: top-5 is capped at top-3, always right
