@@ -7,7 +7,7 @@ measured in one run on this machine, as ratios.
 
 Baseline: torchvision's efficientnet_bX in fp32, NCHW, eager, SGD (what the tutorial does).
 This repo: train.py's default path (channels-last, bf16 autocast where fast, AdamW, the lean
-BatchNormSiLU and SigmoidGate of model.py) and predict.py's path (BatchNorm folded into the convs,
+BatchNormSiLU and SigmoidGate of activations.py) and predict.py's path (BatchNorm folded into the convs,
 channels-last, gates in place, inference mode). Speeds are the median of rounds in which all
 contenders take turns; memory is measured in a fresh process per contender (see peak_memory).
 """
@@ -31,11 +31,13 @@ import torch
 import torchvision
 
 import cli
+import exported
 import model_files
 import recipe
 import runtime
 import transforms
-from model import VARIANTS, create_model, fuse_bn
+from inference import fuse_bn
+from model import VARIANTS, create_model
 from my_dataset import MyDataSet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -548,8 +550,8 @@ def infer_exported(args, device, x, fmt):
     with tempfile.TemporaryDirectory() as folder:  # both loaders read the whole file in
         path = os.path.join(folder, f"model.{fmt}")
         export.save(export.export_program(model, x.shape[-1], True), fmt, path)
-        exported = model_files.ExportedModel(path, True, device)
-    return infer_fn(exported, x)
+        loaded = exported.ExportedModel(path, True, device)
+    return infer_fn(loaded, x)
 
 
 # One row per contender, each timed in a fresh process of its own so that none inherits another's

@@ -19,6 +19,7 @@ import sys
 import torch
 
 import cli
+import exported
 import model_files
 import outputs
 import pretrained
@@ -112,7 +113,7 @@ def main(args):
     program = export_program(model, crop, args.dynamic_batch)
     with outputs.reported_as("--output", output):
         opset = save(program, args.format, output)
-        meta = model_files.write_sidecar(output, info, names, resize, crop, args.format, args.dynamic_batch, opset)
+        meta = exported.write_sidecar(output, info, names, resize, crop, args.format, args.dynamic_batch, opset)
     size = os.path.getsize(output) / 2**20
     print(cli.printable(f"wrote {output} ({size:.1f} MiB, EfficientNet-{info['variant'].upper()}, {len(names)} "
                         f"classes, input {meta['input']['shape']}{f', ONNX opset {opset}' if opset else ''}) and "

@@ -12,26 +12,21 @@ Module names follow the tutorial this repo grows from (`features.stem_conv`, `fe
 `features.top`, `classifier.1`), so its checkpoints load as they are. torchvision's official
 weight files (`features.1.0.block.0.0.weight`, ...) are renamed on load; see `read_weights`.
 
-`fuse_bn` prepares a model for fast inference, and `CPUInference` runs it on a CPU as ONNX Runtime
-would (predict.py's default there). At the end of the file, after the paper's blocks,
-two autograd Functions keep less for backward than autograd would (0.62x of torchvision's
-activations for B0, same gradients); `create_model(..., lean=False)` or train.py's
-`--no-lean-activations` switches them off.
+Elsewhere, by subject: the memory-lean autograd Functions that ConvBNAct and SqueezeExcite use in
+training (activations.py), BatchNorm folding and the fast CPU path for inference (inference.py).
 """
 import contextlib
 import math
 import re
 from collections import OrderedDict, namedtuple
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from activations import SigmoidGate, batchnorm_silu
 from checkpoint import WeightsError, load_checkpoint, read_meta
 
 
@@ -111,7 +106,7 @@ def make_divisible(channels, divisor=8):
 class ConvBNAct(nn.Sequential):
     """Conv (no bias, 'same' padding) -> BatchNorm -> SiLU; `act=False` for the linear projection."""
 
-    lean = False  # EfficientNet(lean=True) turns on BatchNormSiLU (end of file) for its layers
+    lean = False  # EfficientNet(lean=True) turns on BatchNormSiLU (activations.py) for its layers
 
     def __init__(self, cin, cout, kernel=1, stride=1, groups=1, act=True, norm=nn.BatchNorm2d):
         super().__init__(
@@ -301,89 +296,6 @@ def efficientnet_b6(num_classes=1000, **options): return efficientnet("b6", num_
 def efficientnet_b7(num_classes=1000, **options): return efficientnet("b7", num_classes, **options)
 
 
-@torch.no_grad()
-def fuse_bn(model):
-    """Fold every BatchNorm into the conv before it (eval only): fewer ops, same outputs."""
-    model.eval()
-    for m in model.modules():
-        if isinstance(m, ConvBNAct) and isinstance(m[1], nn.BatchNorm2d):
-            m[0] = torch.nn.utils.fusion.fuse_conv_bn_eval(m[0], m[1])
-            m[1] = nn.Identity()
-    return model
-
-
-class OneDNNConv(nn.Module):
-    """A BN-fused conv and the SiLU after it as one oneDNN call, its weights put in oneDNN's layout
-    once rather than on every call. Inference only: the op has no gradient."""
-
-    def __init__(self, conv, act):
-        super().__init__()
-        self.args = [list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups]
-        self.weight = torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach(), *self.args)
-        self.bias = conv.bias.detach()
-        self.act = "swish" if isinstance(act, nn.SiLU) else "none"
-
-    def forward(self, x):
-        return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args, self.act, [], None)
-
-
-class MatVec(nn.Module):
-    """A 1x1 conv on 1x1 maps (squeeze-excite's two) as the matrix product it is: a conv call
-    costs more than the product there, and gains nothing from a second thread."""
-
-    def __init__(self, conv):
-        super().__init__()
-        self.weight, self.bias = conv.weight.detach().flatten(1), conv.bias.detach()
-
-    def forward(self, x):
-        return F.linear(x.flatten(1), self.weight, self.bias)[:, :, None, None]
-
-
-class CPUInference(nn.Module):
-    """fp32 inference on a CPU, as ONNX Runtime does it: each conv with its SiLU one oneDNN call
-    (OneDNNConv), squeeze-excite's 1x1 convs as matrix products (MatVec), and a batch split into
-    chunks of about `pixels` input pixels (4 images at 224 px), one chunk per core, each on one
-    thread: a small chunk keeps its activations in the caches, and a core that runs a chunk of its
-    own never waits for another. 1.2-1.3x eager at 64-224 px (docs/performance.md), the same
-    outputs to fp32 rounding. Made from a fused eval model (fuse_bn) in place; no gradients."""
-
-    def __init__(self, model, pixels=200_000):
-        super().__init__()
-        self.model, self.pixels = model, pixels
-        for m in self.model.modules():
-            if isinstance(m, ConvBNAct) and isinstance(m[1], nn.Identity):
-                m[0], m[2] = OneDNNConv(m[0], m[2]), nn.Identity()
-            elif isinstance(m, SqueezeExcite):
-                m.fc1, m.fc2 = MatVec(m.fc1), MatVec(m.fc2)
-        self.pool = None  # threads started for the first batch that is split, ending with the model
-
-    @staticmethod
-    def available():
-        """oneDNN's fused ops in this PyTorch, on x86 (ARM builds, on the Compute Library, stay eager:
-        untested there)."""
-        ops = torch.ops.mkldnn
-        return torch.backends.mkldnn.is_available() and hasattr(ops, "_convolution_pointwise") \
-            and not (hasattr(ops, "_is_mkldnn_acl_supported") and ops._is_mkldnn_acl_supported())
-
-    def _run(self, x):
-        with torch.inference_mode():  # grad mode is per thread
-            return self.model(x)
-
-    def forward(self, x):
-        threads = torch.get_num_threads()
-        chunk = max(1, min(self.pixels // (x.shape[2] * x.shape[3]), -(-len(x) // threads)))
-        parts = x.split(chunk)
-        if len(parts) == 1 or threads == 1:
-            return torch.cat([self.model(part) for part in parts])
-        if self.pool is None or self.pool_size != threads:
-            self.pool, self.pool_size = ThreadPoolExecutor(threads), threads
-        torch.set_num_threads(1)
-        try:
-            return torch.cat(list(self.pool.map(self._run, parts)))
-        finally:
-            torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Weights: torchvision's files, the tutorial's files and this repo's checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -499,74 +411,3 @@ def create_model(name="b0", num_classes=1000, weights=None, verbose=True, **opti
         raise WeightsError(f"{where} does not fit EfficientNet-{name.upper()}: "
                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Leaner training: the same results as plain autograd with less kept for backward.
-# Used by ConvBNAct and SqueezeExcite when `lean` is on (the default); frozen BatchNorm and fused
-# models take the plain path, and so does SyncBatchNorm: BatchNormSiLU normalises with each
-# process's own batch statistics, and only SyncBatchNorm's own code synchronises them. So with
-# train.py --sync-bn (every BatchNorm becomes a SyncBatchNorm) BatchNormSiLU is off and its memory
-# saving with it; SigmoidGate still applies.
-# ---------------------------------------------------------------------------------------------
-
-class BatchNormSiLU(torch.autograd.Function):
-    """SiLU(BatchNorm(x)) in training mode, keeping only x for backward.
-
-    Autograd would keep three activation-sized tensors here: the BatchNorm input, its output
-    (SiLU's backward needs it) and, as the SiLU runs in place, a copy of that output. This keeps
-    the input alone and recomputes the output in backward, one multiply-add per element: a third
-    of the memory, and faster on a CPU, where the copy costs more than the recomputation.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.eps = eps
-        return F.silu(y, inplace=True)
-
-    @staticmethod
-    @once_differentiable  # mean and invstd are saved without their graph: a second derivative would be wrong
-    def backward(ctx, grad):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        # the BN output again, by the inference kernel given the batch's statistics: it computes in
-        # fp32 inside and writes x's dtype, as the forward did, so under AMP y is bf16/fp16 and the
-        # forward's y to within an ulp. fp32 arithmetic with the fp32 statistics instead would make
-        # an fp32 copy of x, twice its size, in every layer. invstd holds eps already; the variance
-        # is handed back without it and eps given again, as PyTorch (2.11) refuses an eps of 0
-        y = F.batch_norm(x, mean, invstd.pow(-2) - ctx.eps, weight, bias, training=False, eps=ctx.eps)
-        grad_y = torch.ops.aten.silu_backward(grad, y)
-        del y
-        grads = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
-        return *grads, None, None, None, None
-
-
-def batchnorm_silu(x, bn):
-    """SiLU(bn(x)) for a BatchNorm2d in training mode, running statistics updated as bn(x) would."""
-    bn.num_batches_tracked.add_(1)
-    momentum = 1 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return BatchNormSiLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
-
-
-class SigmoidGate(torch.autograd.Function):
-    """x * sigmoid(z), the squeeze-excite gate, keeping its output and the gate for backward, not x.
-
-    x is needed in backward only for the gradient of z, and that gradient equals
-    sum(grad * out) * (1 - sigmoid(z)) with out = x * sigmoid(z), the gate's own output, which
-    the next conv keeps anyway. So no copy of x is kept; the algebra is exact.
-    """
-
-    @staticmethod
-    def forward(ctx, x, z):
-        gate = torch.sigmoid(z)
-        out = x * gate
-        ctx.save_for_backward(out, gate)
-        return out
-
-    @staticmethod
-    @once_differentiable  # gate is saved without its graph: a second derivative would be wrong
-    def backward(ctx, grad):
-        out, gate = ctx.saved_tensors
-        return grad * gate, (grad * out).sum((2, 3), keepdim=True) * (1 - gate)

@@ -33,7 +33,8 @@ import runtime
 import transforms
 import utils
 from checkpoint import WeightsError
-from model import VARIANTS, CPUInference, EfficientNet
+from inference import CPUInference
+from model import VARIANTS, EfficientNet
 from my_dataset import load_rgb
 
 

@@ -1,4 +1,4 @@
-"""The GPU paths on an NVIDIA GPU: the lean Functions of model.py against plain autograd under bf16
+"""The GPU paths on an NVIDIA GPU: the lean Functions of activations.py against plain autograd under bf16
 and fp16 autocast, the lean path's memory, train.py's GPU options end to end, predict.py and
 benchmark.py on cuda, and with two GPUs: NCCL with --sync-bn, --device cuda:1, and resuming on
 another number of GPUs. Skipped as a whole where PyTorch sees no CUDA GPU.
@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as M
+import activations
 from conftest import FAST, ROOT, copy_digits, run_script
 from model import efficientnet
 
@@ -38,7 +38,7 @@ def skip_without_native_bf16(amp):
 
 
 # ---------------------------------------------------------------------------------------------
-# model.py's lean Functions on the GPU
+# activations.py's lean Functions on the GPU
 # ---------------------------------------------------------------------------------------------
 
 def b0_pair():
@@ -107,9 +107,9 @@ def test_lean_functions_pass_gradcheck_on_cuda(memory_format):
     weight = (torch.rand(4, dtype=torch.float64, generator=g) + 0.5).to(CUDA).requires_grad_()
     bias = torch.randn(4, dtype=torch.float64, generator=g).to(CUDA).requires_grad_()
     stats = torch.zeros(4, dtype=torch.float64, device=CUDA), torch.ones(4, dtype=torch.float64, device=CUDA)
-    assert torch.autograd.gradcheck(lambda *t: M.BatchNormSiLU.apply(*t, *stats, 0.1, 1e-3), (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda *t: activations.BatchNormSiLU.apply(*t, *stats, 0.1, 1e-3), (x, weight, bias))
     z = torch.randn(3, 4, 1, 1, dtype=torch.float64, generator=g).to(CUDA).requires_grad_()
-    assert torch.autograd.gradcheck(M.SigmoidGate.apply, (x, z))
+    assert torch.autograd.gradcheck(activations.SigmoidGate.apply, (x, z))
 
 
 @pytest.mark.parametrize("amp", ["off", "half"])

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import export
-import model_files
+import exported
 from conftest import ROOT, run_script
-from model import create_model, fuse_bn
+from inference import fuse_bn
+from model import create_model
 from test_model import randomise
 
 
@@ -39,7 +40,7 @@ def exported_errors(names, folder, formats):
         for fmt in formats:
             path = os.path.join(folder, f"{name}.{fmt}")
             export.save(program, fmt, path)
-            got = model_files.ExportedModel(path, True, torch.device("cpu"))(x)
+            got = exported.ExportedModel(path, True, torch.device("cpu"))(x)
             errors[name, fmt] = ((got - eager).abs().max() / eager.abs().max()).item()
     return errors
 
@@ -84,7 +85,7 @@ def test_predict_on_an_exported_file_gives_the_checkpoints_answers(trained, fmt,
     assert side["classes"] == ["0", "1", "2"] and side["variant"] == "b0"
     assert (side["resize"], side["crop"]) == (best["meta"]["eval_resize"], best["meta"]["eval_crop"])
     assert side["mean"] == best["meta"]["mean"] and side["input"]["shape"] == [1, 3, 32, 32]
-    assert side["sha256"] == model_files.sha256(out)
+    assert side["sha256"] == exported.sha256(out)
     assert sorted(os.listdir(tmp_path)) == [f"model.{fmt}", f"model.{fmt}.json"]
 
     def answers(weights, how):

@@ -17,9 +17,10 @@ from torchvision.ops import StochasticDepth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import activations  # noqa: E402
 import model as M  # noqa: E402
-from model import (VARIANTS, CPUInference, MBConv, WeightsError, create_model, efficientnet, fuse_bn,  # noqa: E402
-                   make_divisible, read_weights)
+from inference import CPUInference, fuse_bn  # noqa: E402
+from model import VARIANTS, MBConv, WeightsError, create_model, efficientnet, make_divisible, read_weights  # noqa: E402
 
 NAMES = list(VARIANTS)  # b0 .. b7
 PARAMS = {"b0": 5_288_548, "b1": 7_794_184, "b2": 9_109_994, "b3": 12_233_232,
@@ -449,9 +450,9 @@ def test_lean_functions_pass_gradcheck():
     weight = (torch.rand(4, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
     bias = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
     stats = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda *t: M.BatchNormSiLU.apply(*t, *stats, 0.1, 1e-3), (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda *t: activations.BatchNormSiLU.apply(*t, *stats, 0.1, 1e-3), (x, weight, bias))
     z = torch.randn(3, 4, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(M.SigmoidGate.apply, (x, z))
+    assert torch.autograd.gradcheck(activations.SigmoidGate.apply, (x, z))
 
 
 def test_lean_backward_asks_batchnorm_for_a_positive_eps(monkeypatch):
@@ -466,7 +467,7 @@ def test_lean_backward_asks_batchnorm_for_a_positive_eps(monkeypatch):
 
     monkeypatch.setattr(F, "batch_norm", strict)
     x, weight, bias, mean, var = _lean_inputs(torch.float32)
-    M.BatchNormSiLU.apply(x, weight, bias, mean, var, 0.1, 1e-3).sum().backward()
+    activations.BatchNormSiLU.apply(x, weight, bias, mean, var, 0.1, 1e-3).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
@@ -489,10 +490,10 @@ def test_lean_functions_refuse_double_backward(function):
     inputs raises too, but only to say that they are not in the graph)."""
     x, weight, bias, *stats = _lean_inputs()
     if function == "BatchNormSiLU":
-        inputs, out = (x, weight, bias), M.BatchNormSiLU.apply(x, weight, bias, *stats, 0.1, 1e-3)
+        inputs, out = (x, weight, bias), activations.BatchNormSiLU.apply(x, weight, bias, *stats, 0.1, 1e-3)
     else:
         z = torch.randn(3, 4, 1, 1, dtype=torch.float64, requires_grad=True)
-        inputs, out = (x, z), M.SigmoidGate.apply(x, z)
+        inputs, out = (x, z), activations.SigmoidGate.apply(x, z)
     first = torch.autograd.grad(out.pow(2).sum(), inputs, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         sum(g.sum() for g in first).backward()
@@ -520,7 +521,7 @@ def test_lean_backward_makes_no_fp32_copy_of_a_half_precision_activation(dtype):
     as large as the activation, twice its size, in every layer's backward: the memory the lean
     path is there to save. Every activation-sized tensor of the backward is in x's dtype."""
     x, weight, bias, *stats = _lean_inputs(dtype, shape=(4, 16, 8, 8))
-    out = M.BatchNormSiLU.apply(x, weight, bias, *stats, 0.1, 1e-3)
+    out = activations.BatchNormSiLU.apply(x, weight, bias, *stats, 0.1, 1e-3)
     with OutputsRecorded() as recorded:
         out.backward(torch.ones_like(out))
     assert x.grad.dtype == dtype and weight.grad.dtype == torch.float32

@@ -19,7 +19,8 @@ import train
 import utils
 from checkpoint import WeightsError
 from conftest import FAST, ROOT
-from model import create_model, fuse_bn
+from inference import fuse_bn
+from model import create_model
 
 
 def test_a_torchvision_that_does_not_fit_torch_is_one_line_before_any_folder_is_made(tiny_data, tmp_path):

@@ -20,13 +20,15 @@ import torch
 import checkpoint
 import cli
 import export
+import exported as exported_files  # the fixture below is named exported
 import model_files
 import outputs
 import predict
 import reports
 from checkpoint import WeightsError
 from conftest import ROOT, copy_digits, run_script
-from model import VARIANTS, create_model, fuse_bn, read_weights
+from inference import fuse_bn
+from model import VARIANTS, create_model, read_weights
 
 CLASSES = ["zero", "one", "two"]
 
@@ -40,7 +42,7 @@ def exported(tmp_path_factory):
         p.requires_grad_(False)
     path = str(folder / "m.pt2")
     export.save(export.export_program(model, 32, dynamic_batch=True), "pt2", path)
-    model_files.write_sidecar(path, {"variant": "b0"}, CLASSES, 36, 32, "pt2", True, None)
+    exported_files.write_sidecar(path, {"variant": "b0"}, CLASSES, 36, 32, "pt2", True, None)
     return path, copy_digits(folder / "images", classes=("0", "1"), per_class=2)
 
 
@@ -149,7 +151,7 @@ def test_every_way_a_pt2_runs_code_on_loading_is_refused(exported, tmp_path, cha
     marker = tmp_path / "marker"
     evil = rewrite_pt2(path, tmp_path / "evil.pt2", change(str(marker)))
     with pytest.raises(WeightsError, match="refusing to load"):
-        model_files.ExportedModel(evil, True, torch.device("cpu"))
+        exported_files.ExportedModel(evil, True, torch.device("cpu"))
     assert not marker.exists()
 
 
@@ -159,7 +161,7 @@ def test_an_exported_model_takes_any_batch(exported, tmp_path):
     "Guard failed"."""
     path, _ = exported
     with open(path, "rb") as f:
-        assert model_files.check_pt2(f.read(), path) == ([None, 3, 32, 32], [None, 3], None)
+        assert exported_files.check_pt2(f.read(), path) == ([None, 3, 32, 32], [None, 3], None)
 
     def bound_of_2(entries):
         program = json.loads(entries["models/model.json"])
@@ -167,9 +169,9 @@ def test_an_exported_model_takes_any_batch(exported, tmp_path):
         limits["max_val"] = 2
         entries["models/model.json"] = json.dumps(program).encode()
 
-    bounded = model_files.ExportedModel(rewrite_pt2(path, tmp_path / "old.pt2", bound_of_2), True, torch.device("cpu"))
+    bounded = exported_files.ExportedModel(rewrite_pt2(path, tmp_path / "old.pt2", bound_of_2), True, torch.device("cpu"))
     x = torch.randn(5, 3, 32, 32)
-    expected = model_files.ExportedModel(path, True, torch.device("cpu"))(x)
+    expected = exported_files.ExportedModel(path, True, torch.device("cpu"))(x)
     assert torch.allclose(bounded(x), expected, atol=1e-5)
 
 
@@ -185,7 +187,7 @@ def test_the_sidecar_must_describe_the_model(exported, tmp_path):
         with open(copy + ".json", "w") as f:
             json.dump(side, f)
         with pytest.raises(WeightsError, match=r"gives \[None, 3\]"):
-            model_files.load_exported(copy, torch.device("cpu"))
+            exported_files.load_exported(copy, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("change, words", [
@@ -206,16 +208,16 @@ def test_sidecar_fields_are_checked(exported, tmp_path, change, words):
     (tmp_path / "m.pt2").write_bytes(b"")
     (tmp_path / "m.pt2.json").write_text(json.dumps(side))
     with pytest.raises(WeightsError, match=words):
-        model_files.read_sidecar(str(tmp_path / "m.pt2"))
+        exported_files.read_sidecar(str(tmp_path / "m.pt2"))
 
 
 def test_a_class_name_that_is_not_utf8_round_trips_through_the_sidecar(tmp_path):
     """Before: the sidecar held the raw byte, was not UTF-8, and predict.py refused it."""
     names = ["caf\udce9", "ok"]  # a folder named b"caf\xe9": Latin-1 on a UTF-8 system
     (tmp_path / "m.onnx").write_bytes(b"model")
-    model_files.write_sidecar(str(tmp_path / "m.onnx"), {"variant": "b0"}, names, 256, 224, "onnx", False, 18)
+    exported_files.write_sidecar(str(tmp_path / "m.onnx"), {"variant": "b0"}, names, 256, 224, "onnx", False, 18)
     (tmp_path / "m.onnx.json").read_bytes().decode("utf-8")
-    assert model_files.read_sidecar(str(tmp_path / "m.onnx"))["classes"] == names
+    assert exported_files.read_sidecar(str(tmp_path / "m.onnx"))["classes"] == names
 
 
 # ---- checkpoint meta and class lists ------------------------------------------------------------
@@ -265,7 +267,7 @@ def test_fifos_given_as_input_files_are_refused_not_waited_on(tmp_path):
     try:
         for call, error in [(lambda: checkpoint.load_checkpoint(fifo), WeightsError),
                             (lambda: model_files.read_class_indices(fifo), cli.DataError),
-                            (lambda: model_files.read_sidecar(str(tmp_path / "m.onnx")), WeightsError)]:
+                            (lambda: exported_files.read_sidecar(str(tmp_path / "m.onnx")), WeightsError)]:
             signal.alarm(5)
             with pytest.raises(error, match="not a regular file"):
                 call()
@@ -415,12 +417,12 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(exported, tmp_path
 
 
 WRAPPER = """import os, runpy, signal, sys
-import model_files
-call = model_files.ExportedModel.__call__
+import exported
+call = exported.ExportedModel.__call__
 def interrupted(self, images):
     os.kill(os.getpid(), signal.{signal})  # as the user does while the --csv file is being written
     return call(self, images)
-model_files.ExportedModel.__call__ = interrupted
+exported.ExportedModel.__call__ = interrupted
 sys.argv = ["predict.py"] + sys.argv[1:]
 runpy.run_path("predict.py", run_name="__main__")
 """
