@@ -57,12 +57,14 @@ def choose_device(name, local_rank=0, local_world=1):
         device = torch.device(name)
     except RuntimeError:
         device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
+    if device is None or device.type not in ("cpu", "cuda", "mps") or device.type != "cuda" and device.index:
         raise UsageError(f"--device {name} is not a device to train or predict on: use auto, cpu, cuda, "
                          "cuda:1 or mps")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps, but PyTorch sees no Apple GPU (MPS) here: use --device cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError("--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu")
+            raise UsageError(f"--device {name}, but PyTorch sees no CUDA GPU here: use --device cpu")
         count = torch.cuda.device_count()
         if local_world > count:
             raise UsageError(f"torchrun starts {local_world} processes on this machine, but it has {count} GPU(s): "

@@ -485,3 +485,34 @@ def test_the_numerics_on_a_gpu_are_set_in_one_place(cuda_flags, train_, benchmar
     runtime.configure_cuda(torch.device("cuda", 0), train=train_)
     assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32) == (benchmark_, tf32)
     assert torch.get_float32_matmul_precision() == matmul
+
+
+# device strings a user may type on a machine with no GPU, and the words the one line must hold
+NO_SUCH_DEVICE = [("mps", "no Apple GPU (MPS) here"), ("cuda", "no CUDA GPU here"), ("cuda:3", "no CUDA GPU here"),
+                  ("xpu", "not a device"), ("mps:1", "not a device"), ("cpu:1", "not a device"),
+                  ("cuda:-1", "not a device"), ("garbage", "not a device"), ("", "not a device")]
+
+
+@pytest.mark.parametrize("script", ["train.py", "predict.py"])
+def test_every_device_this_machine_lacks_gets_one_line_in_every_script(script, tiny_run):
+    """Each device string that cannot be used here ends the script with one line naming --device
+    and what to use, exit 2, before anything is read or written (--device mps was a traceback)."""
+    _, run, _ = tiny_run
+    args = (["--output-dir", run.parent / "never-made"] if script == "train.py"
+            else ["x.jpg", "--weights", run / "best.pth"])
+    lacking = [(device, words) for device, words in NO_SUCH_DEVICE
+               if not ("CUDA" in words and torch.cuda.is_available() or "MPS" in words and torch.backends.mps.is_available())]
+    for device, words in lacking:
+        result = conftest.run_script(script, *args, "--device", device, check=False)
+        assert result.returncode == 2, (device, result.stderr)
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: --device {device}") \
+            and words in result.stderr and "Traceback" not in result.stderr, (device, result.stderr)
+    assert not (run.parent / "never-made").exists()
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU")
+def test_benchmark_refuses_a_device_this_machine_lacks_in_one_line():
+    result = conftest.run_script("benchmark.py", "--device", "mps", "--steps", "1", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: --device mps, but PyTorch sees no Apple GPU (MPS) here: "
+                                                  "use --device cpu"]
