@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from cli import printable
-from runtime import quiet_on_sigterm
+from runtime import init_loader_worker
 
 
 # Longer side over shorter side. Evaluation resizes the shorter side to the model's size, so a
@@ -226,4 +226,4 @@ def make_loader(dataset, batch_size, train, workers, device, sampler=None):
         # noisy; the shuffle puts other images there in the next epoch
         drop_last=train and len(dataset) > batch_size, collate_fn=getattr(dataset, "collate_fn", MyDataSet.collate_fn),
         # worker seeds from a generator of the loader's own: the global RNG (dropout) stays untouched
-        generator=torch.Generator().manual_seed(0), worker_init_fn=quiet_on_sigterm)
+        generator=torch.Generator().manual_seed(0), worker_init_fn=init_loader_worker)

@@ -5,6 +5,7 @@ and checked before any work is done.
     atomic_write("weights/run/metrics.csv", lambda f: f.write(b"epoch,..."))
 """
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
@@ -132,3 +133,60 @@ def new_folder(base):
         except FileExistsError:
             continue
     raise FileExistsError(f"{base}-1000000")
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders locked while a command writes them
+# ---------------------------------------------------------------------------------------------
+
+LOCKED = []  # the descriptors that hold this command's run folders locked
+
+
+def lock_folder(folder):
+    """Hold an exclusive lock on a run folder until the command ends (the kernel drops it when the
+    process ends, however it ends), so two processes never write one run. The lock is on the
+    folder itself, so no lock file is left in a finished run. Loader workers, forked with a copy
+    of the descriptor, close theirs at start (drop_inherited_locks): after a kill -9 of train.py
+    they lived on for seconds and kept its run locked against the resume."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = lock_holder(folder)
+        who = f"another train.py (process {pid}) is" if pid else "another train.py is"
+        stop = f"stop it: kill {pid}" if pid else "or stop it"
+        raise UsageError(f"{who} writing to {folder} right now; wait for it to end ({stop}), or choose another "
+                         "--output-dir") from None
+    LOCKED.append(fd)  # open until the command ends: closing it releases the lock
+
+
+def release_folders():
+    """The end of a command: its run folders are free (another command in this process may follow)."""
+    while LOCKED:
+        os.close(LOCKED.pop())
+
+
+def drop_inherited_locks():
+    """In a process forked from a command that holds run folders (a loader worker): close its copies
+    of the descriptors. The lock is the parent's and stays; it ends with the parent alone."""
+    while LOCKED:
+        try:
+            os.close(LOCKED.pop())
+        except OSError:
+            pass
+
+
+def lock_holder(folder):
+    """The pid that locked `folder` (flock), from Linux's /proc/locks; None where it cannot be told."""
+    try:
+        st = os.stat(folder)
+        wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()  # 1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None

@@ -309,7 +309,7 @@ def main(args):
     workers = runtime.usable_workers(args.workers) if len(paths) > args.batch_size else 0
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
                         collate_fn=ImagePaths.collate, pin_memory=device.type == "cuda",
-                        worker_init_fn=runtime.quiet_on_sigterm)
+                        worker_init_fn=runtime.init_loader_worker)
 
     if args.cam and info.get("source") == "export":
         raise cli.UsageError("--cam needs the best.pth the export came from: an exported file has no gradients")

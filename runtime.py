@@ -16,6 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import outputs
 from cli import UsageError
 
 
@@ -149,18 +150,20 @@ def usable_workers(requested):
     return min(requested, cpus)
 
 
-def quiet_on_sigterm(worker_id=None):
-    """In a data loader worker: SIGTERM (and SIGHUP) ends it at once and quietly. A signal sent to the
-    whole process group (Slurm's scancel, kill -- -PGID, a closed terminal) reaches the workers too;
-    killed by it, they made PyTorch print a traceback while the main process was saving and saying
-    how to resume."""
+def init_loader_worker(worker_id=None):
+    """The start of a data loader worker: SIGTERM (and SIGHUP) ends it at once and quietly, and it
+    lets go of the run folder's lock it inherited (outputs.drop_inherited_locks). A signal sent to
+    the whole process group (Slurm's scancel, kill -- -PGID, a closed terminal) reaches the workers
+    too; killed by it, they made PyTorch print a traceback while the main process was saving and
+    saying how to resume."""
+    outputs.drop_inherited_locks()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: os._exit(0))
 
 
 def stop_watching_workers():
     """In the main process, on the user's Ctrl-C or SIGTERM: a loader worker that dies of the same
-    signal (one still starting when it reached the whole group, before quiet_on_sigterm) is part
+    signal (one still starting when it reached the whole group, before init_loader_worker) is part
     of the stop. PyTorch's SIGCHLD handler would raise it as a worker error, with a traceback,
     while the stop is being reported; a handler that does nothing takes its place (not SIG_DFL: a
     SIGCHLD already pending would then be reported as "ignored due to race condition")."""

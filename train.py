@@ -24,7 +24,6 @@ if __name__ == "__main__":  # Ctrl-C, SIGTERM or SIGHUP while the libraries load
         signal.signal(sig, stop_while_loading)
 
 import argparse  # noqa: E402
-import fcntl  # noqa: E402
 import importlib.util  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -247,23 +246,6 @@ def make_run_dir(args):
                                "that run, --exist-ok to write into it anyway, or choose another folder") from None
 
 
-def lock_run_dir(folder):
-    """Hold an exclusive lock on the run folder until the command ends (the kernel drops it when the
-    process ends, however it ends), so two processes never write one run. The lock is on the
-    folder itself, so no lock file is left in a finished run."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise cli.UsageError(f"another train.py is writing to {folder} right now; wait for it to end "
-                               "(or stop it), or choose another --output-dir") from None
-    LOCKED.append(fd)  # open until the command ends: closing it releases the lock
-
-
-LOCKED = []  # the descriptors that hold run folders locked
-
-
 def resume_args(args, parser):
     """The flags and checkpoint of the run that --resume continues: its own flags, except those in
     RESUMABLE given now; flags added to train.py since that run take their defaults."""
@@ -457,7 +439,7 @@ def eval_folder(args, weights):
         runtime.print0(f"warning: cannot write predictions.csv and mistakes.png to {e.filename or folder} "
                        f"({e.strerror}); name a writable folder with --output-dir", file=sys.stderr)
         return None
-    lock_run_dir(folder)  # a run folder: not while train.py writes to it
+    outputs.lock_folder(folder)  # a run folder: not while train.py writes to it
     there = [name for name in ("predictions.csv", "mistakes.png") if os.path.exists(os.path.join(folder, name))]
     if there and not args.exist_ok:
         raise cli.UsageError(f"--output-dir {folder} already holds {' and '.join(there)}: choose another folder "
@@ -526,7 +508,7 @@ def start_outputs(args, ckpt, split, save_first):
     try:
         if ckpt is None:
             made = make_run_dir(args)
-        lock_run_dir(args.output_dir)
+        outputs.lock_folder(args.output_dir)
         outputs.remove_stale_temp_files(args.output_dir)
         model_files.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), split.classes)
         if ckpt is None:
@@ -883,8 +865,7 @@ if __name__ == "__main__":
         print("\ninterrupted before training started", file=sys.stderr)
         code = 130
     finally:
-        for fd in LOCKED:  # the command is over (a run in this same process may come next)
-            os.close(fd)
+        outputs.release_folders()  # the command is over (a run in this same process may come next)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     sys.exit(code)

@@ -1,5 +1,6 @@
 """Kills, signals, bad input and hostile files: a clear one-line message, the right exit code,
 nothing lost, never a traceback for the user's own mistake."""
+import contextlib
 import csv
 import os
 import shutil
@@ -186,6 +187,46 @@ def test_kill_9_then_resume_logs_every_epoch_once(tiny_data, tmp_path):
     assert epochs_logged(run) == [1, 2, 3, 4]
     assert not [f for f in os.listdir(run) if f.endswith(".tmp")]  # a write cut short is cleaned up
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 4
+
+
+def test_resume_at_once_after_kill_9_while_loader_workers_live_on(tiny_data, tmp_path):
+    """kill -9 of train.py leaves its loader workers alive for seconds, and they held the run
+    folder's lock (inherited through fork): a resume at once was refused with "another train.py is
+    writing". The workers let go of it at start, so the resume goes on at once."""
+    run = tmp_path / "run"
+    proc = start(["--data-path", tiny_data, "--output-dir", run, *FAST, "--workers", "2", "--epochs", "50"])
+    wait_for_epoch(run, 1, proc)
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        workers = [int(pid) for pid in f.read().split()]
+    proc.kill()
+    proc.wait()  # the process alone: communicate() would wait for the workers too, which hold its pipes
+    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+    try:
+        outputs.lock_folder(str(run))  # what the resume does first, here while the workers still live
+        outputs.release_folders()
+        assert [pid for pid in alive if os.path.exists(f"/proc/{pid}")], "the workers ended: nothing was tried"
+        result = run_script("train.py", "--resume", run / "last.pth", "--epochs", "2", "--workers", "0",
+                            process=True, check=False)
+        assert result.returncode == 0 and "another train.py" not in result.stderr, result.stderr
+    finally:
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def test_a_run_that_is_being_written_is_refused_naming_the_process(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    proc = start(["--data-path", tiny_data, "--output-dir", run, *FAST, "--epochs", "50"])
+    try:
+        wait_for_epoch(run, 1, proc)
+        result = run_script("train.py", "--resume", run / "last.pth", check=False)
+        assert result.returncode == 2
+        assert result.stderr == (f"error: another train.py (process {proc.pid}) is writing to {run} right now; wait "
+                                 f"for it to end (stop it: kill {proc.pid}), or choose another --output-dir\n")
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 @pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGTERM, False)],

@@ -18,6 +18,7 @@ from PIL import Image
 import checkpoint
 import cli
 import my_dataset
+import outputs
 import train as train_script
 import utils
 from conftest import FAST, copy_digits
@@ -34,8 +35,7 @@ def run_main(*argv):
     try:
         return train_script.main(args, parser)
     finally:  # as the script's end does: the run folders it locked are free for the next command
-        while train_script.LOCKED:
-            os.close(train_script.LOCKED.pop())
+        outputs.release_folders()
 
 
 @pytest.fixture
