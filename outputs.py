@@ -13,7 +13,7 @@ import tempfile
 from cli import UsageError
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, prefix=".", suffix=".tmp"):
     """Write through a temporary file in the same folder, fsync, then rename over `path`: a crash
     at any moment leaves either the old file or the new one, never half of one. A link is written
     through (the file it names is replaced, the link stays), and what is not a regular file (a
@@ -30,7 +30,7 @@ def atomic_write(path, write):
     path = os.path.realpath(path)
     folder = os.path.dirname(path)
     # a short name of its own: the target's name plus a suffix can pass the 255 bytes a name may have
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     umask = os.umask(0o022)  # read it (there is no other way) and put it back at once
     os.umask(umask)
     try:

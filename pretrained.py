@@ -15,14 +15,18 @@ against the sha256 prefix in its file name (as torch.hub's check_hash does) and 
 not at all. Names are torchvision's: imagenet, IMAGENET1K_V1, DEFAULT and
 EfficientNet_B<N>_Weights.IMAGENET1K_V1; all of them mean the V1 file (see NAMES_HELP).
 """
+import base64
 import hashlib
 import http.client
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import zipfile
 
 import torch
 from tqdm import tqdm
@@ -42,9 +46,14 @@ FILES = {
     "b6": "efficientnet_b6_lukemelas-24a108a5.pth",
     "b7": "efficientnet_b7_lukemelas-c5b4e57e.pth",
 }
+# their sizes in MB, as torchvision's weights record them (meta["_file_size"]): a server that sends
+# more than a little over this is not sending the file
+MEGABYTES = {"b0": 20.451, "b1": 30.134, "b2": 35.174, "b3": 47.184, "b4": 74.489, "b5": 116.864, "b6": 165.362,
+             "b7": 254.675}
 BASE_URL = "https://download.pytorch.org/models"
 URL_ENV = "EFFICIENTNET_WEIGHTS_URL"  # a mirror (or a local web server) that holds the same file names
 TIMEOUT = 30  # seconds without a byte from the server before a download counts as failed
+TIME_LIMIT = 7200  # seconds for a whole download (B7 at 0.1 MB/s takes 42 minutes)
 LOG_INTERVAL = 5.0  # seconds between progress lines when stderr is a log file, not a terminal
 NAMES = "imagenet, IMAGENET1K_V1, DEFAULT, EfficientNet_B<N>_Weights.IMAGENET1K_V1 (or .DEFAULT)"
 NAMES_HELP = (f"{NAMES}: torchvision's ImageNet weights for --model, from torch's cache or downloaded. "
@@ -88,12 +97,13 @@ def resolve(weights, model=None, on_rank0=None):
     if variant and model and variant != model:
         raise WeightsError(f"--weights {weights} are EfficientNet-{variant.upper()} weights but --model is {model}: "
                            f"use --model {variant}, or --weights imagenet for {model}'s")
-    name = FILES[variant or model or "b0"]
+    variant = variant or model or "b0"
+    name = FILES[variant]
     path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
 
     def fetch_reporting_errors():  # an error travels to every rank as text, and each rank raises it
         try:
-            return fetch(name, path), None
+            return fetch(name, path, MEGABYTES[variant]), None
         except WeightsError as e:
             return None, str(e)
 
@@ -101,7 +111,7 @@ def resolve(weights, model=None, on_rank0=None):
     if error:
         raise WeightsError(error)
     # rank 0's file, already here; on another machine of a multi-node run, this rank's own download
-    return fetch(name, path)
+    return fetch(name, path, MEGABYTES[variant])
 
 
 def url_for(name):
@@ -109,30 +119,94 @@ def url_for(name):
     return f"{base.rstrip('/')}/{name}"
 
 
-def fetch(name, path):
+def without_credentials(url):
+    """(the URL without user:password@, the Basic auth header they make or None, the URL as it may
+    be printed: http://***@host/...). ValueError for a URL that cannot be read (a broken IPv6 host)."""
+    parts = urllib.parse.urlsplit(url)
+    parts.port  # noqa: B018 -- reading it checks the port, as urlopen would later
+    if "@" not in parts.netloc:
+        return url, None, url
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
+    return (urllib.parse.urlunsplit(parts._replace(netloc=host)), f"Basic {token}",
+            urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}")))
+
+
+def shown(text):
+    """`text` (a URL, a message) with any user:password@ of a URL in it replaced by ***@."""
+    return re.sub(r"(?<=://)[^/@\s]*@", "***@", text)
+
+
+TEMP_SUFFIX = ".download"  # an unfinished download in torch's cache: .NAME.HOST.PID.XXXX.download
+
+
+def remove_stale_downloads(folder):
+    """Unfinished downloads of processes on this machine that have ended (killed mid-way: kill -9,
+    the out-of-memory killer) are removed; those of running processes, or of other machines that
+    share the folder, stay."""
+    host = socket.gethostname()
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = re.fullmatch(r"\..+\.(.+)\.(\d+)\.[^.]+" + re.escape(TEMP_SUFFIX), entry)
+        if m and m.group(1) == host and not alive(int(m.group(2))):
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def fetch(name, path, megabytes):
     """`path` if it exists (as torch.hub, it is not hashed again), else downloaded from url_for(name)
     to a temporary file beside it, checked, and renamed into place: a failed or interrupted
-    download leaves nothing, and two processes downloading at once each rename a whole file."""
+    download leaves nothing, and two processes downloading at once each rename a whole file. The
+    server may send at most a little more than the file's `megabytes`, within TIME_LIMIT seconds."""
     if os.path.isfile(path):
+        if not zipfile.is_zipfile(path):  # truncated or empty: every .pth torch writes is a zip archive
+            raise WeightsError(f"the cached file {path} is damaged (truncated or empty); delete it, and the next "
+                               "run downloads it again")
         return path
-    url = url_for(name)
-    expected = re.fullmatch(r".*-([0-9a-f]{8,})\.[a-z]+", name).group(1)
     by_hand = f"copy the file by hand to {path}, or pass the file with --weights PATH"
-    mirror = f" ({URL_ENV}={os.environ[URL_ENV]})" if os.environ.get(URL_ENV) else ""
+    mirror = f" ({URL_ENV}={shown(os.environ[URL_ENV])})" if os.environ.get(URL_ENV) else ""
+    try:
+        url, auth, printed = without_credentials(url_for(name))
+    except ValueError as e:
+        raise WeightsError(f"cannot download {shown(url_for(name))}{mirror} (not a URL: {e}); {by_hand}") from None
+    expected = re.fullmatch(r".*-([0-9a-f]{8,})\.[a-z]+", name).group(1)
+    limit = int(megabytes * 1e6 * 1.02) + (1 << 20)
 
     def download(f):
         try:
             request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})  # as torch.hub asks
+            if auth:
+                request.add_unredirected_header("Authorization", auth)  # never sent on to another host
             response = urllib.request.urlopen(request, timeout=TIMEOUT)
         except urllib.error.HTTPError as e:
-            raise WeightsError(f"cannot download {url}{mirror}: HTTP {e.code} {e.reason}; {by_hand}") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise WeightsError(f"cannot download {printed}{mirror}: HTTP {e.code} {shown(str(e.reason))}; "
+                               f"{by_hand}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
             reason = getattr(e, "reason", None) or e
-            raise WeightsError(f"cannot download {url}{mirror} ({reason}); {by_hand}") from None
+            raise WeightsError(f"cannot download {printed}{mirror} ({shown(str(reason))}); {by_hand}") from None
         with response:
-            total = int(response.headers.get("Content-Length") or 0) or None
+            length = response.headers.get("Content-Length")
+            if length is not None and not length.strip().isdigit():
+                raise WeightsError(f"cannot download {printed}{mirror} (the server's Content-Length "
+                                   f"{length[:20]!r} is not a number); {by_hand}")
+            total = int(length or 0) or None
+            if total is not None and total > limit:
+                raise WeightsError(f"cannot download {printed}{mirror} (the server would send {total / 1e6:.1f} MB "
+                                   f"for a file of {megabytes:.1f} MB); check the mirror, or {by_hand}")
             digest, got = hashlib.sha256(), 0
-            with Progress(url, path, total) as progress:
+            with Progress(printed, path, total) as progress:
                 while True:
                     try:
                         block = response.read(1 << 16)
@@ -144,19 +218,25 @@ def fetch(name, path):
                     digest.update(block)
                     got += len(block)
                     progress.update(len(block))
+                    if got > limit or progress.elapsed() > TIME_LIMIT:
+                        why = (f"sent more than {limit / 1e6:.1f} MB for a file of {megabytes:.1f} MB" if got > limit
+                               else f"took more than {TIME_LIMIT} s")
+                        raise WeightsError(f"the download of {printed}{mirror} {why}; nothing was kept: check the "
+                                           f"mirror, or {by_hand}")
         if block is None or (total is not None and got != total):
-            raise WeightsError(f"the download of {url} broke off after {got:,} of "
+            raise WeightsError(f"the download of {printed} broke off after {got:,} of "
                                f"{f'{total:,}' if total else 'an unknown number of'} bytes; nothing was kept: "
                                f"run again, or {by_hand}")
         if not digest.hexdigest().startswith(expected):
-            raise WeightsError(f"{url}{mirror} sent a file whose sha256 starts {digest.hexdigest()[:len(expected)]}, "
+            raise WeightsError(f"{printed}{mirror} sent a file whose sha256 starts {digest.hexdigest()[:len(expected)]}, "
                                f"not {expected} as its name says; nothing was kept: check the mirror, or {by_hand}")
         done.update(size=got, seconds=progress.elapsed())
 
     done = {}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, download)
+        remove_stale_downloads(os.path.dirname(path))
+        atomic_write(path, download, prefix=f".{name}.{socket.gethostname()}.{os.getpid()}.", suffix=TEMP_SUFFIX)
     except OSError as e:  # the cache folder: read-only, a full disk
         raise WeightsError(f"cannot write {path} ({e.strerror}): free some space, or set TORCH_HOME to a "
                            "writable folder") from None

@@ -1,6 +1,7 @@
 """--weights imagenet: names, torch's hub cache, the download (checked, whole or nothing, once under
 torchrun) and the scripts on it. No internet: a web server on 127.0.0.1 that each test starts and
 stops plays download.pytorch.org, and TORCH_HOME is the test's own folder."""
+import base64
 import hashlib
 import http.server
 import io
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import matplotlib
 import pytest
@@ -28,12 +30,15 @@ B0 = pretrained.FILES["b0"]
 
 class Server:
     """A web server on 127.0.0.1 (a free port) for the length of a `with`. It serves `files`
-    ({name: bytes}) and counts the requests; `mode` misbehaves on purpose: "500", "truncate" (sends
-    half of what Content-Length promised, then closes), "together" (holds every answer until two
-    requests are in, so two downloads overlap). `delay`: seconds between 64 KiB blocks."""
+    ({name: bytes}) and counts the requests and the bytes sent; `mode` misbehaves on purpose: "500",
+    "truncate" (sends half of what Content-Length promised, then closes), "together" (holds every
+    answer until two requests are in, so two downloads overlap), "endless" (no Content-Length, and
+    the file over and over until the client hangs up), "huge" (a Content-Length of 10 GB),
+    "bad-length" (a Content-Length that is not a number). `delay`: seconds between 64 KiB blocks.
+    `auth`: the Authorization header a request must carry (else 401)."""
 
-    def __init__(self, files, mode="ok", delay=0.0):
-        self.files, self.mode, self.delay, self.requests = files, mode, delay, 0
+    def __init__(self, files, mode="ok", delay=0.0, auth=None):
+        self.files, self.mode, self.delay, self.auth, self.requests, self.sent = files, mode, delay, auth, 0, 0
         self.two_in = threading.Event()
         outer = self
 
@@ -45,18 +50,28 @@ class Server:
                 if outer.requests >= 2:
                     outer.two_in.set()
                 body = outer.files.get(self.path.lstrip("/"))
+                if outer.auth and self.headers.get("Authorization") != outer.auth:
+                    self.send_error(401)
+                    return
                 if body is None or outer.mode == "500":
                     self.send_error(404 if body is None else 500)
                     return
                 if outer.mode == "together":
                     outer.two_in.wait(10)
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                length = {"endless": None, "huge": str(10**10), "bad-length": "abc"}.get(outer.mode, str(len(body)))
+                if length is not None:
+                    self.send_header("Content-Length", length)
                 self.end_headers()
                 sent = body[:len(body) // 2] if outer.mode == "truncate" else body
-                for i in range(0, len(sent), 1 << 16):
-                    self.wfile.write(sent[i:i + (1 << 16)])
-                    threading.Event().wait(outer.delay)
+                for _ in range(1000 if outer.mode == "endless" else 1):  # at most 1000 copies: the test ends
+                    for i in range(0, len(sent), 1 << 16):
+                        try:
+                            self.wfile.write(sent[i:i + (1 << 16)])
+                        except OSError:  # the client hung up
+                            return
+                        outer.sent += len(sent[i:i + (1 << 16)])
+                        threading.Event().wait(outer.delay)
 
             def log_message(self, *args):
                 pass
@@ -99,11 +114,18 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "torch" / "hub" / "checkpoints"
 
 
+def saved(tensor):
+    """The bytes torch.save writes for {"w": tensor}: a real .pth (a zip archive)."""
+    buffer = io.BytesIO()
+    torch.save({"w": tensor}, buffer)
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def payload(monkeypatch):
-    """300 KB of bytes as the b0 file, under a name that carries its hash (the official names
-    carry the official files' hashes)."""
-    content = os.urandom(300_000)
+    """A 300 KB .pth as the b0 file, under a name that carries its hash (the official names carry
+    the official files' hashes)."""
+    content = saved(torch.randn(75_000, generator=torch.Generator().manual_seed(0)))
     monkeypatch.setitem(pretrained.FILES, "b0", named(content))
     return content
 
@@ -138,7 +160,7 @@ def test_names(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", dead_url())
     cache.mkdir(parents=True)
     for name in pretrained.FILES.values():
-        (cache / name).write_bytes(b"cached")  # used as it is: not hashed again
+        (cache / name).write_bytes(saved(torch.zeros(1)))  # used as it is: not hashed again
     files = pretrained.FILES
     for spelling in ("imagenet", "ImageNet", "IMAGENET1K_V1", "DEFAULT", "EfficientNet_B0_Weights.IMAGENET1K_V1"):
         assert pretrained.resolve(spelling, "b0") == str(cache / files["b0"])
@@ -224,7 +246,7 @@ def test_interrupted_download_leaves_nothing(cache, payload, monkeypatch):
     with Server({f"models/{name}": payload}, mode="truncate") as server:
         monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
         message = one_line_error(lambda: pretrained.resolve("imagenet", "b0"))
-    assert "broke off after 150,000 of 300,000 bytes" in message and listing(cache) == []
+    assert f"broke off after {len(payload) // 2:,} of {len(payload):,} bytes" in message and listing(cache) == []
 
 
 def torchvision_b0():
@@ -329,3 +351,106 @@ def test_torchrun_downloads_once(cache, tmp_path, monkeypatch):
     assert result.stdout.count("a new 3-class classifier") == 1  # rank 0 says it
     assert "predictions.csv: all 3" in result.stdout  # 3 validation images, gathered from both ranks
     assert listing(cache) == [name] and (cache / name).read_bytes() == content
+
+
+@pytest.mark.parametrize("userinfo, user, password", [("ann:s%40cret", "ann", "s@cret"), ("ann", "ann", ""),
+                                                      ("ann:pa:ss", "ann", "pa:ss")])
+def test_credentials_in_the_mirror_url_are_sent_as_basic_auth_and_never_printed(cache, payload, monkeypatch, capsys,
+                                                                                  userinfo, user, password):
+    """EFFICIENTNET_WEIGHTS_URL=http://user:password@host/...: the download sends them as HTTP Basic
+    auth (the password %-decoded) and prints the URL as http://***@host/...; with a wrong password
+    the one-line error names the URL the same way. The secret is in no line."""
+    name = pretrained.FILES["b0"]
+    token = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    with Server({f"models/{name}": payload}, auth=token) as server:
+        url = server.url.replace("http://", f"http://{userinfo}@")
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", url)
+        assert open(pretrained.resolve("imagenet", "b0"), "rb").read() == payload
+        err = capsys.readouterr().err
+        assert err.startswith(f"downloading {server.url.replace('http://', 'http://***@')}{name} to ")
+        os.remove(cache / name)
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url.replace("http://", "http://ann:wrong@"))
+        message = one_line_error(lambda: pretrained.resolve("imagenet", "b0"))
+    assert message.startswith(f"cannot download {server.url.replace('http://', 'http://***@')}{name}") \
+        and "HTTP 401" in message
+    for secret in [f"{userinfo}@", "ann:wrong", "wrong@"] + ([password] if password else []):
+        assert secret not in err + message + capsys.readouterr().err
+    assert listing(cache) == []
+
+
+@pytest.mark.parametrize("mirror, words", [
+    ("bad-length", "the server's Content-Length 'abc' is not a number"),
+    ("huge", "the server would send 10000.0 MB for a file of 0.3 MB"),
+    ("http://[::1/models", "not a URL"),
+    ("http://127.0.0.1:99999/models", "not a URL"),
+    ("ftp:/nowhere", "cannot download"),
+])
+def test_a_malformed_answer_or_url_is_one_line(cache, payload, monkeypatch, mirror, words):
+    """A Content-Length that is not a number, or far larger than the file, and a URL that cannot be
+    read (a broken IPv6 host, a port out of range) end in one line naming the mirror, never a
+    ValueError traceback; nothing is left in the cache."""
+    monkeypatch.setitem(pretrained.MEGABYTES, "b0", 0.3)
+    with Server({f"models/{pretrained.FILES['b0']}": payload}, mode=mirror) as server:
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url if mirror in ("bad-length", "huge") else mirror)
+        message = one_line_error(lambda: pretrained.resolve("imagenet", "b0"))
+    assert message.startswith("cannot download ") and words in message and "EFFICIENTNET_WEIGHTS_URL=" in message
+    assert listing(cache) == []
+
+
+def test_an_answer_that_never_ends_stops_at_the_size_of_the_file(cache, payload, monkeypatch):
+    """No Content-Length and no end (the file over and over): the download stops a little past the
+    file's known size, blames the mirror, and keeps nothing, instead of filling the disk."""
+    monkeypatch.setitem(pretrained.MEGABYTES, "b0", 0.3)
+    with Server({f"models/{pretrained.FILES['b0']}": payload}, mode="endless") as server:
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
+        message = one_line_error(lambda: pretrained.resolve("imagenet", "b0"))
+    assert "sent more than 1.4 MB for a file of 0.3 MB; nothing was kept: check the mirror" in message
+    assert server.sent < 20e6 and listing(cache) == []  # of 300 MB on offer; loopback's buffers hold a few MB
+
+
+def test_a_download_slower_than_the_time_limit_stops(cache, payload, monkeypatch):
+    monkeypatch.setattr(pretrained, "TIME_LIMIT", 0.5)
+    with Server({f"models/{pretrained.FILES['b0']}": payload}, delay=0.2) as server:
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
+        message = one_line_error(lambda: pretrained.resolve("imagenet", "b0"))
+    assert "took more than 0.5 s; nothing was kept: check the mirror" in message and listing(cache) == []
+
+
+def test_a_download_killed_midway_leaves_a_temp_file_the_next_run_removes(cache, payload, monkeypatch):
+    """kill -9 of a downloading process leaves its unfinished file in torch's cache; the next
+    download removes it (and those of processes that have ended), but not one that a running
+    process is writing, nor one of another machine that shares the folder."""
+    name = pretrained.FILES["b0"]
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import pretrained; pretrained.FILES['b0'] = {name!r}; "
+            "pretrained.resolve('imagenet', 'b0')")
+    with Server({f"models/{name}": payload}, delay=0.5) as server:
+        monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
+        proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ), stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not [f for f in listing(cache) if f.endswith(".download")] and time.time() < deadline:
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        left = listing(cache)
+        assert len(left) == 1 and left[0].startswith(f".{name}.{socket.gethostname()}.{proc.pid}."), left
+        mine = cache / f".{name}.{socket.gethostname()}.{os.getpid()}.abcd.download"  # a running process's
+        other = cache / f".{name}.another-host.{proc.pid}.abcd.download"
+        for path in (mine, other):
+            path.write_bytes(b"partial")
+        server.delay = 0
+        assert open(pretrained.resolve("imagenet", "b0"), "rb").read() == payload
+    assert listing(cache) == sorted([mine.name, other.name, name])
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a zip", "half"])
+def test_a_damaged_file_in_the_cache_is_named_with_what_to_do(cached_b0, cache, damage):
+    """An empty, truncated or overwritten file under the official name in torch's cache: one line
+    that it is the cached file, where it is, and that deleting it makes the next run download it
+    again (it said "not a PyTorch checkpoint: pass a .pth file", pointing at the user's own file)."""
+    path = cache / B0
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2] if damage == "half" else damage)
+    message = one_line_error(lambda: pretrained.resolve("imagenet", "b0"))
+    assert message == (f"the cached file {path} is damaged (truncated or empty); delete it, and the next run "
+                       "downloads it again")
+    result = run_script("predict.py", PHOTO, "--weights", "imagenet", check=False)
+    assert result.returncode != 0 and result.stderr == f"error: {message}\n"
