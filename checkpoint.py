@@ -56,6 +56,31 @@ def load_checkpoint(path):
         raise WeightsError(f"{path} is not a PyTorch checkpoint: pass a .pth file saved with torch.save") from None
 
 
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MOST_VALUES = 10**9  # more than any tensor of B7 (its largest has 2.5 million values)
+
+
+def tensor_problem(name, t):
+    """What makes tensor `name` of a weights file unusable, judged without touching its values (a
+    file's tensor can claim 10^12 values over a few bytes of storage), or None: a weight stored as
+    a dense, CPU tensor of floating-point numbers, backed by storage for all its values; a
+    BatchNorm's batch count as an integer."""
+    if t.layout != torch.strided:
+        return f"a {str(t.layout).replace('torch.', '')} tensor, not a dense one"
+    if t.device.type != "cpu":
+        return f"a tensor on the {t.device.type} device, which holds no values"
+    if t.numel() > MOST_VALUES:
+        return f"a tensor of {t.numel():,} values, more than any EfficientNet's"
+    if t.untyped_storage().nbytes() < t.numel() * t.element_size():
+        return f"a tensor of {t.numel():,} values stored in {t.untyped_storage().nbytes():,} bytes"
+    if name.endswith("num_batches_tracked"):
+        return None if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool else \
+            f"stored as {str(t.dtype).replace('torch.', '')}, not as a whole number"
+    if t.dtype not in FLOATS:
+        return f"stored as {str(t.dtype).replace('torch.', '')}, not as floating-point numbers"
+    return None
+
+
 def read_meta(obj, where="weights"):
     """META of a loaded checkpoint of this repo ({} for anyone else's file), checked for a format
     this code can read."""

@@ -74,7 +74,8 @@ def quiet_warnings():
     for message in ("Palette images with Transparency", "(Possibly )?[Cc]orrupt EXIF", "Truncated File Read",
                     "Image appears to be a malformed MPO", "Metadata Warning",
                     r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`",
-                    "This DataLoader will create"):  # --workers is capped at the CPU count instead
+                    "This DataLoader will create",  # --workers is capped at the CPU count instead
+                    "Validating sparse tensor invariants"):  # a sparse tensor in a weights file is refused anyway
         warnings.filterwarnings("ignore", message=message)
     warnings.showwarning = lambda message, category, *rest: print(f"warning: {printable(str(message))}",
                                                                    file=sys.stderr)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from activations import SigmoidGate, batchnorm_silu
-from checkpoint import WeightsError, load_checkpoint, read_meta
+from checkpoint import WeightsError, load_checkpoint, read_meta, tensor_problem
 
 
 @dataclass(frozen=True)
@@ -355,6 +355,9 @@ def read_weights(source, where="weights"):
     meta = read_meta(source, where)  # this repo's checkpoints describe themselves
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{where} holds no state_dict of tensors; expected an EfficientNet weights file")
+    for key, value in sd.items():  # before any computation on the values
+        if problem := tensor_problem(key, value):
+            raise WeightsError(f"{where}: {key} is {problem}; this is not a weights file of an EfficientNet")
     broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise WeightsError(f"{where} holds NaN or infinite values ({len(broken)} tensors, e.g. {broken[0]}): "
@@ -371,14 +374,39 @@ def read_weights(source, where="weights"):
     if variant is None:
         raise WeightsError(f"{where} does not match any of EfficientNet B0-B7 "
                            f"({_signature(sd)[0]} blocks, top width {_signature(sd)[1]})")
+    if problem := layout_problem(sd, variant):
+        raise WeightsError(f"{where}: {problem}; it is not a weights file of EfficientNet-{variant.upper()}")
     default_eps = TORCHVISION_BN_EPS[variant] if fmt == "torchvision" else 1e-3
     info = dict(meta, variant=variant, source=fmt, bn_eps=meta.get("bn_eps", default_eps),
                 num_classes=sd["classifier.1.weight"].shape[0] if "classifier.1.weight" in sd else None)
+    if info["num_classes"] is None and fmt == "efficientnet-scripts":  # train.py always saves its classifier
+        raise WeightsError(f"{where} holds no classifier (classifier.1.weight); this checkpoint was not written by "
+                           "train.py as it stands")
     if meta.get("classes") is not None and info["num_classes"] is not None \
             and len(meta["classes"]) != info["num_classes"]:  # each name would label another output
         raise WeightsError(f"{where} names {len(meta['classes'])} classes but its classifier has "
                            f"{info['num_classes']} outputs; this checkpoint was not written by train.py as it stands")
     return sd, info
+
+
+def layout_problem(sd, variant):
+    """The first key of `sd` that EfficientNet `variant` has not, lacks, or holds in another shape,
+    said, or None. The classifier may have any class count (and may be missing: a backbone to
+    fine-tune); its two tensors must agree. The shapes come from a model on the meta device: no
+    memory, no computation."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in efficientnet(variant, num_classes=1).state_dict().items()}
+    head = sd.get("classifier.1.weight")
+    classes = head.shape[0] if head is not None and head.dim() == 2 else "classes"
+    expected["classifier.1.weight"] = [classes, expected["classifier.1.weight"][1]]
+    expected["classifier.1.bias"] = [classes]
+    for key, value in sd.items():
+        if key not in expected:
+            return f"it holds {key}, which the model has not"
+        if list(value.shape) != list(expected[key]) and not (key.endswith("num_batches_tracked") and value.numel() == 1):
+            return f"{key} has shape {list(value.shape)} where the model's is {list(expected[key])}"
+    missing = [k for k in expected if k not in sd and not k.startswith("classifier.")]
+    return f"it lacks {missing[0]} (and {len(missing) - 1} more)" if missing else None
 
 
 def create_model(name="b0", num_classes=1000, weights=None, verbose=True, **options):

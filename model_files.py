@@ -114,6 +114,9 @@ def load_model(weights, model_name=None, device=torch.device("cpu")):
         ckpt = dict(ckpt, model=ema)
     _, info = read_weights(ckpt, where=weights)
     info["ema"] = ema is not None
+    if info["num_classes"] is None:
+        raise WeightsError(f"{weights} holds no classifier (classifier.1.weight), so it cannot predict; it can be "
+                           f"fine-tuned: python train.py --weights {weights}")
     if model_name is not None and model_name != info["variant"]:
         raise WeightsError(f"{weights} holds EfficientNet-{info['variant'].upper()} weights, not "
                            f"{model_name.upper()}: use --model {info['variant']} or leave --model out")

@@ -402,7 +402,7 @@ def test_two_processes_never_write_one_run(tiny_data, tmp_path):
     first = start(["--data-path", tiny_data, "--output-dir", run, *FAST, "--epochs", "50"])
     wait_for_epoch(run, 1, first)
     second = train("--resume", run / "last.pth")
-    assert_user_error(second, "another train.py is writing", str(run))
+    assert_user_error(second, "another train.py (process ", "is writing to", str(run))
     assert first.poll() is None
     first.send_signal(signal.SIGINT)
     first.communicate(timeout=60)

@@ -16,6 +16,7 @@ import zipfile
 
 import pytest
 import torch
+from PIL import Image
 
 import checkpoint
 import cli
@@ -453,3 +454,76 @@ def test_plot_limit_has_a_ceiling(capsys):
     with pytest.raises(SystemExit) as exit:
         predict.check_args(parser, parser.parse_args(["x", "--plot-limit", "2400"]))
     assert exit.value.code == 2 and "--plot-limit is at most 256 (got 2400)" in capsys.readouterr().err
+
+
+# ---- weights files that torch.load(weights_only=True) opens but that are not what they claim ----
+
+def b0_state_dict():
+    return create_model("b0", 3, verbose=False).state_dict()
+
+
+def changed(key, value):
+    return lambda sd: dict(sd, **{key: value})
+
+
+# (how the file differs from a real B0 state dict, the words of the one-line refusal)
+STRANGERS = {
+    "a 0-d classifier": (changed("classifier.1.weight", torch.tensor(1.0)),
+                         "classifier.1.weight has shape [] where the model's is ['classes', 1280]"),
+    "a matrix of the wrong shape": (changed("features.top.0.weight", torch.zeros(1280, 7, 1, 1)),
+                                    "features.top.0.weight has shape [1280, 7, 1, 1] where the model's is "
+                                    "[1280, 320, 1, 1]"),
+    "a key the model has not": (changed("features.top.0.extra", torch.zeros(3)),
+                                "it holds features.top.0.extra, which the model has not"),
+    "10^12 values over 16 MB (stride 0)": (changed("classifier.1.weight",
+                                                   torch.zeros(4_000_000).expand(250_000, 4_000_000)),
+                                           "classifier.1.weight is a tensor of 1,000,000,000,000 values"),
+    "a sparse tensor": (lambda sd: dict(sd, **{"classifier.1.weight": sd["classifier.1.weight"].to_sparse()}),
+                        "classifier.1.weight is a sparse_coo tensor, not a dense one"),
+    "a tensor on the meta device": (changed("classifier.1.weight", torch.empty(3, 1280, device="meta")),
+                                    "classifier.1.weight is a tensor on the meta device"),
+    "weights stored as int8": (lambda sd: {k: v.to(torch.int8) if v.is_floating_point() else v for k, v in sd.items()},
+                               "features.stem_conv.0.weight is stored as int8, not as floating-point numbers"),
+    "weights stored as bool": (lambda sd: {k: v.bool() if v.is_floating_point() else v for k, v in sd.items()},
+                               "features.stem_conv.0.weight is stored as bool, not as floating-point numbers"),
+    "no classifier": (lambda sd: {k: v for k, v in sd.items() if not k.startswith("classifier.")},
+                      "holds no classifier (classifier.1.weight), so it cannot predict"),
+}
+
+
+@pytest.fixture(scope="module")
+def strangers(tmp_path_factory):
+    """{case: a .pth file written with torch.save, as anyone can write one}"""
+    folder, sd = tmp_path_factory.mktemp("strangers"), b0_state_dict()
+    files = {}
+    for i, (case, (change, _)) in enumerate(STRANGERS.items()):
+        files[case] = folder / f"file{i}.pth"
+        torch.save(change(sd), files[case])
+    return files
+
+
+@pytest.mark.parametrize("case", list(STRANGERS))
+def test_predict_refuses_a_weights_file_that_is_not_what_it_claims(strangers, case, tmp_path):
+    """Before any computation on the values: one line naming the file and the first wrong key (its
+    shape, layout, device or dtype against the model's), exit 2. int8 or bool weights were cast
+    into the model and answered (bool: every probability nan, exit 0); a 0-d classifier or a
+    missing one ended in a traceback."""
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    result = run_script("predict.py", image, "--weights", strangers[case], check=False)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr == f"error: {strangers[case]}" + result.stderr.split(str(strangers[case]), 1)[1]
+    assert STRANGERS[case][1] in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize("case", ["a 0-d classifier", "10^12 values over 16 MB (stride 0)", "weights stored as bool"])
+def test_export_and_train_refuse_them_too(strangers, case, tmp_path):
+    tiny = copy_digits(tmp_path / "data", per_class=4)
+    for script, args in (("export.py", ["--weights", strangers[case], "--format", "pt2", "--output",
+                                        tmp_path / "m.pt2"]),
+                         ("train.py", ["--weights", strangers[case], "--data-path", tiny, "--output-dir",
+                                       tmp_path / "run", "--img-size", "32", "--epochs", "1", "--workers", "0"])):
+        result = run_script(script, *args, check=False)
+        assert result.returncode == 2 and STRANGERS[case][1] in result.stderr, (script, result.stderr)
+        assert "Traceback" not in result.stderr and str(strangers[case]) in result.stderr
+    assert not (tmp_path / "m.pt2").exists() and not (tmp_path / "run").exists()
