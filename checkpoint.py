@@ -22,6 +22,7 @@ import os
 import pickle
 import signal
 import threading
+import zipfile
 
 import torch
 
@@ -39,6 +40,9 @@ def load_checkpoint(path):
     if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
         raise WeightsError(f"{path} is not a regular file (a FIFO, socket or device): reading it could wait "
                            "forever; pass the .pth file itself")
+    if problem := archive_problem(path):
+        raise WeightsError(f"refusing to load {path}: {problem}; torch.save writes its entries uncompressed, so "
+                           "this file was made to exhaust the memory (or damaged)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -78,6 +82,31 @@ def tensor_problem(name, t):
             f"stored as {str(t.dtype).replace('torch.', '')}, not as a whole number"
     if t.dtype not in FLOATS:
         return f"stored as {str(t.dtype).replace('torch.', '')}, not as floating-point numbers"
+    return None
+
+
+MOST_BYTES = 4 << 30  # a B7 last.pth (weights, EMA, optimizer state) holds about 1.1 GB
+
+
+def archive_problem(path):
+    """What is wrong with a .pth zip archive before torch inflates and copies any of it (a 1 MB file
+    can declare a 1 GiB entry): an entry that inflates to more than 20 times its packed size, or
+    more than MOST_BYTES in all. None for a sound archive, and for a file that is no zip (an older
+    torch.save format, or no checkpoint: torch.load says so)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED and entry.file_size > 20 * max(entry.compress_size, 1 << 10):
+            return (f"its entry {entry.filename[:80]} inflates from {entry.compress_size:,} to "
+                    f"{entry.file_size:,} bytes")
+    total = sum(entry.file_size for entry in entries)
+    if total > MOST_BYTES:
+        return f"its entries hold {total:,} bytes, more than any EfficientNet checkpoint"
     return None
 
 

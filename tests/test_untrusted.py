@@ -527,3 +527,41 @@ def test_export_and_train_refuse_them_too(strangers, case, tmp_path):
         assert result.returncode == 2 and STRANGERS[case][1] in result.stderr, (script, result.stderr)
         assert "Traceback" not in result.stderr and str(strangers[case]) in result.stderr
     assert not (tmp_path / "m.pt2").exists() and not (tmp_path / "run").exists()
+
+
+def inflating(src, dst, megabytes, method):
+    """A copy of the .pth `src` whose first tensor entry is `megabytes` of zeros packed with
+    `method`: a file of a few MB that asks whoever opens it for that much memory."""
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w") as new:
+        bomb = next(i.filename for i in old.infolist() if "/data/" in i.filename and i.filename[-1].isdigit())
+        for info in old.infolist():
+            if info.filename != bomb:
+                new.writestr(info, old.read(info))
+                continue
+            entry = zipfile.ZipInfo(info.filename)
+            entry.compress_type = method
+            with new.open(entry, "w", force_zip64=True) as f:
+                block = bytes(1 << 20)
+                for _ in range(megabytes):
+                    f.write(block)
+    return dst
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2], ids=["deflate", "bzip2"])
+def test_a_pth_whose_entry_inflates_to_a_gigabyte_is_refused_before_loading(tmp_path, method):
+    """A .pth is a zip archive: one entry deflated from 1 GiB of zeros to about a megabyte made
+    torch.load inflate and copy it (3.3 GB of memory). The archive's entries are read first: one
+    line, exit 2, and the process stays small."""
+    torch.save(b0_state_dict(), tmp_path / "real.pth")
+    bomb = inflating(tmp_path / "real.pth", tmp_path / "bomb.pth", 1024, method)
+    assert os.path.getsize(bomb) < 40e6
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 40)).save(image)
+    code = (f"import resource, runpy, sys; sys.argv = ['predict.py', {str(image)!r}, '--weights', {str(bomb)!r}, "
+            "'--device', 'cpu']\ntry:\n    runpy.run_path('predict.py', run_name='__main__')\nfinally:\n"
+            "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    *lines, peak_kb = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: refusing to load {bomb}: its entry ") and "to 1,073,741,824 bytes" in lines[0]
+    assert int(peak_kb) < 800_000  # about 650 MB is torch's and the model's own
