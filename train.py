@@ -511,6 +511,8 @@ def start_outputs(args, ckpt, split, save_first):
         outputs.lock_folder(args.output_dir)
         outputs.remove_stale_temp_files(args.output_dir)
         model_files.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), split.classes)
+        if len(split.broken) > utils.NAMED_ONE_BY_ONE:  # the summary printed points here
+            utils.write_left_out(os.path.join(args.output_dir, utils.LEFT_OUT_LIST), split.broken)
         if ckpt is None:
             save_first()
     except BaseException as e:

@@ -6,6 +6,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import sys
 import time
 from collections import namedtuple
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from cli import DataError, printable, progress_bars
 from my_dataset import IndexedSubset, shape_problem
+from outputs import atomic_write_text
 from runtime import all_reduce_sum, amp_dtype, gather_objects, is_distributed, sum_dtype, world_size
 
 
@@ -333,10 +335,32 @@ class BackgroundCheck:
         return broken
 
 
+NAMED_ONE_BY_ONE = 10  # more left-out files than this: a count per reason and the first few of each
+LEFT_OUT_LIST = "left_out.txt"  # the whole list, in the run folder (train.py writes it)
+
+
 def report_broken(broken):
-    if broken:
+    """Name the files left out on stderr: each with its reason, or past NAMED_ONE_BY_ONE a line per
+    reason with its count and first 3 paths (900 hard links printed 908 lines before training)."""
+    if not broken:
+        return
+    if len(broken) <= NAMED_ONE_BY_ONE:
         lines = "\n".join(f"  {printable(path)}: {printable(reason)}" for path, reason in broken)
-        print(f"warning: {len(broken)} file(s) could not be used and are left out:\n{lines}", file=sys.stderr)
+    else:
+        kinds = {}
+        for path, reason in broken:
+            kinds.setdefault(re.sub(r"^the same file as .*; counted once$", "the same file as another; counted once",
+                                    reason), []).append(path)
+        lines = "\n".join(f"  {len(paths)} x {printable(kind)}: {', '.join(printable(p) for p in paths[:3])}"
+                          + (", ..." if len(paths) > 3 else "") for kind, paths in kinds.items())
+        lines += f"\n  the whole list: {LEFT_OUT_LIST} in the run folder"
+    print(f"warning: {len(broken)} file(s) could not be used and are left out:\n{lines}", file=sys.stderr)
+
+
+def write_left_out(path, broken):
+    """The whole list of the files left out, a line each: path, a tab, the reason."""
+    text = "".join(f"{file}\t{reason}\n" for file, reason in broken)
+    atomic_write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -238,3 +238,29 @@ def test_float_tiff_with_nan_pixels_decodes_the_others(tmp_path):
         warnings.simplefilter("error")
         pixels = np.asarray(my_dataset.load_rgb(str(path)))[..., 0]
     assert pixels.tolist() == [[0, 128], [255, 64]]
+
+
+def test_many_left_out_files_are_counted_by_reason_and_listed_in_the_run_folder(tmp_path, capsys):
+    """900 hard links to one image and 3 broken files: a line per reason with its count and first
+    paths instead of 903 lines before training, and the whole list in left_out.txt in the run
+    folder, which the summary names."""
+    root = tmp_path / "data"
+    make_class(root / "a", 4)
+    make_class(root / "b", 4, value=9)
+    for i in range(900):
+        os.link(root / "a" / "0.png", root / "a" / f"link{i:03d}.png")
+    for i in range(3):
+        (root / "b" / f"broken{i}.png").write_bytes(b"not an image")
+    run = tmp_path / "run"
+    assert run_main("--data-path", root, "--output-dir", run, *FAST[:-1], "1") == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  ") or "left out" in line]
+    assert warning[0] == "warning: 903 file(s) could not be used and are left out:"
+    assert warning[1] == (f"  900 x the same file as another; counted once: {root / 'a' / 'link000.png'}, "
+                          f"{root / 'a' / 'link001.png'}, {root / 'a' / 'link002.png'}, ...")
+    kind, paths = warning[2].split(": ", 1)
+    assert kind == "  3 x not an image Pillow can read"
+    assert sorted(paths.split(", ")) == [str(root / "b" / f"broken{i}.png") for i in range(3)]
+    assert warning[3] == "  the whole list: left_out.txt in the run folder" and len(warning) == 4
+    listed = (run / "left_out.txt").read_text().splitlines()
+    assert len(listed) == 903 and listed[0] == f"{root / 'a' / 'link000.png'}\tthe same file as {root / 'a' / '0.png'}; " \
+        "counted once"
