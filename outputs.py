@@ -162,19 +162,15 @@ def lock_folder(folder):
 
 
 def release_folders():
-    """The end of a command: its run folders are free (another command in this process may follow)."""
+    """The end of a command: its run folders are free (another command in this process may follow).
+    In a process forked from one that holds run folders (a loader worker, drop_inherited_locks) it
+    closes the copies of the descriptors only: the lock is the parent's, and ends with it alone."""
     while LOCKED:
-        os.close(LOCKED.pop())
-
-
-def drop_inherited_locks():
-    """In a process forked from a command that holds run folders (a loader worker): close its copies
-    of the descriptors. The lock is the parent's and stays; it ends with the parent alone."""
-    while LOCKED:
-        try:
+        with contextlib.suppress(OSError):
             os.close(LOCKED.pop())
-        except OSError:
-            pass
+
+
+drop_inherited_locks = release_folders
 
 
 def lock_holder(folder):

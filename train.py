@@ -591,6 +591,8 @@ def fit(args, models, data, optimization, progress, meta, device):
     done = progress["epoch"]  # the last epoch whose state last.pth holds
     stuck = 0  # epochs in a row whose validation says nothing has been learned
     mix = transforms.build_mix(args.mixup_alpha, args.cutmix_alpha, len(classes))
+    counts = torch.bincount(torch.as_tensor(data.split.train_labels), minlength=len(classes))
+    imbalanced = bool(counts.max() >= 2 * counts.min())  # then each epoch shows every class's recall
     board = reports.TensorBoardLog(args.output_dir, done + 1) if args.tensorboard and is_main else None
     try:
         for epoch in range(done + 1, args.epochs + 1):
@@ -619,7 +621,7 @@ def fit(args, models, data, optimization, progress, meta, device):
                               f"check the files under {args.data_path}, then resume with: {resume_command(args)}")
             problem = reports.learning_problem(result["confusion"], classes)
             stuck = stuck + 1 if problem else 0
-            report_epoch(args, row, result, progress["history"], data, problem if stuck >= 2 else None)
+            report_epoch(args, row, result, progress["history"], data, problem if stuck >= 2 else None, imbalanced)
             if args.patience and epoch - (progress["best_epoch"] or 0) >= args.patience and epoch < args.epochs:
                 runtime.print0(stopped_early(args, progress))
                 break
@@ -704,7 +706,7 @@ def write_plots(args, progress, split):
         reports.plot_class_distribution(split, out("class_distribution.png"))
 
 
-def report_epoch(args, row, result, history, data, problem):
+def report_epoch(args, row, result, history, data, problem, imbalanced):
     """The epoch's line, and what validation says beside it: `problem` (no learning for a while),
     unreadable images, each class's recall where some classes have far more training images."""
     classes = data.split.classes
@@ -713,8 +715,7 @@ def report_epoch(args, row, result, history, data, problem):
     if read < total:
         runtime.print0(f"  {total - read} of {total} validation images could not be read (named above); top-1 "
                        "is over the others")
-    counts = torch.bincount(torch.as_tensor(data.split.train_labels), minlength=len(classes))
-    if counts.max() >= 2 * counts.min():  # imbalanced: each epoch shows every class's recall
+    if imbalanced:
         runtime.print0("  " + reports.recall_line(result["confusion"], classes))
     if data.check is not None:  # a large folder's headers, read while this epoch ran
         data.check.report()
