@@ -26,13 +26,11 @@ import zipfile
 
 import torch
 
+from errors import WeightsError
 from outputs import atomic_write
 
 FORMAT = 2  # 1: no "format" field; 2: "format" added. Raise it when a field changes meaning.
 
-
-class WeightsError(ValueError):
-    """A weights or checkpoint file cannot be used; the message names the file and says why."""
 
 
 def load_checkpoint(path):

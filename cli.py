@@ -57,12 +57,6 @@ class ArgumentParser(argparse.ArgumentParser):
         super().error(message)
 
 
-class UsageError(ValueError):
-    """A flag or path the user gave cannot be used (a run folder, a device); the message says what to change."""
-
-
-class DataError(UsageError):
-    """The data folder cannot be used as given; the message says what to change."""
 
 
 def quiet_warnings():

@@ -19,11 +19,12 @@ import sys
 import torch
 
 import cli
+import errors
 import exported
 import model_files
 import outputs
 import pretrained
-from checkpoint import WeightsError
+from errors import WeightsError
 from model import VARIANTS
 
 ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export needs; onnxruntime runs the result
@@ -89,13 +90,13 @@ def main(args):
               "(or use --format pt2, which needs only torch)", file=sys.stderr)
         return 2
     if args.img_size is not None and not 32 <= args.img_size <= 1024:
-        raise cli.UsageError(f"--img-size must be between 32 and 1024 (got {args.img_size})")
+        raise errors.UsageError(f"--img-size must be between 32 and 1024 (got {args.img_size})")
     if (weights := pretrained.resolve(args.weights, args.model)) != args.weights and args.output is None:
         args.output = os.path.basename(os.path.splitext(weights)[0]) + "." + args.format  # here, not in torch's cache
     args.weights = weights
     output = args.output or os.path.splitext(args.weights)[0] + "." + args.format
     if not output.endswith("." + args.format):
-        raise cli.UsageError(f"--output {output}: a {args.format} file should end in .{args.format}")
+        raise errors.UsageError(f"--output {output}: a {args.format} file should end in .{args.format}")
     outputs.check_output_file(output, "--output")
     outputs.check_output_file(output + ".json", "--output's sidecar")
     beside = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "class_indices.json")
@@ -126,9 +127,9 @@ if __name__ == "__main__":
     cli.quiet_warnings()
     try:
         sys.exit(main(args))
-    except (cli.UsageError, WeightsError) as e:
+    except (errors.UsageError, WeightsError) as e:
         print(f"error: {cli.printable(str(e))}", file=sys.stderr)
         sys.exit(2)
-    except outputs.WriteError as e:
+    except errors.WriteError as e:
         print(f"error: {cli.printable(str(e))}", file=sys.stderr)
         sys.exit(1)

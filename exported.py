@@ -16,8 +16,8 @@ import torch
 
 import checkpoint
 import cli
-from checkpoint import WeightsError
-from cli import UsageError
+from errors import WeightsError
+from errors import UsageError
 from model import VARIANTS
 from outputs import atomic_write_text
 

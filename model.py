@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from activations import SigmoidGate, batchnorm_silu
-from checkpoint import WeightsError, load_checkpoint, read_meta, tensor_problem
+from checkpoint import load_checkpoint, read_meta, tensor_problem
+from errors import WeightsError
 
 
 @dataclass(frozen=True)

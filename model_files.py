@@ -12,8 +12,8 @@ import torch
 
 import checkpoint
 import exported
-from checkpoint import WeightsError
-from cli import DataError, UsageError
+from errors import WeightsError
+from errors import DataError, UsageError
 from inference import fuse_bn
 from model import VARIANTS, Variant, create_model, read_weights
 from outputs import atomic_write_text

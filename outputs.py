@@ -10,7 +10,7 @@ import os
 import stat
 import tempfile
 
-from cli import UsageError
+from errors import UsageError, WriteError
 
 
 def atomic_write(path, write, prefix=".", suffix=".tmp"):
@@ -62,10 +62,6 @@ def remove_stale_temp_files(folder):
         if name.startswith(".") and name.endswith(".tmp"):
             os.remove(os.path.join(folder, name))
 
-
-class WriteError(Exception):
-    """An output could not be written after all (a full disk, a folder made read-only since it was
-    checked); the message names it."""
 
 
 @contextlib.contextmanager

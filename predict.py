@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import cli
+import errors
 import model_files
 import outputs
 import pretrained
@@ -32,7 +33,7 @@ import reports
 import runtime
 import transforms
 import utils
-from checkpoint import WeightsError
+from errors import WeightsError
 from inference import CPUInference
 from model import VARIANTS, EfficientNet
 from my_dataset import load_rgb
@@ -167,9 +168,9 @@ def cam_class_index(name, names):
         return None
     if name not in names:
         near = difflib.get_close_matches(name, names, n=3)
-        raise cli.UsageError(f"--cam-class {name} is not a class of these weights: "
-                             + (f"did you mean {', '.join(near)}?" if near else f"they are {', '.join(names[:8])}"
-                                + (" ..." if len(names) > 8 else "")))
+        raise errors.UsageError(f"--cam-class {name} is not a class of these weights: "
+                                + (f"did you mean {', '.join(near)}?" if near else f"they are {', '.join(names[:8])}"
+                                   + (" ..." if len(names) > 8 else "")))
     return names.index(name)
 
 
@@ -212,12 +213,12 @@ def cam_file_names(paths):
 def check_cam_folder(folder):
     """Fail before predicting anything when the --cam folder cannot be made or written."""
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise cli.UsageError(f"--cam {folder} is a file: give a folder for the maps, e.g. --cam cams")
+        raise errors.UsageError(f"--cam {folder} is a file: give a folder for the maps, e.g. --cam cams")
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):  # the folder is made with its parents: the first that exists decides
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise cli.UsageError(f"--cam {folder}: {existing} is not a writable folder; choose another")
+        raise errors.UsageError(f"--cam {folder}: {existing} is not a writable folder; choose another")
 
 
 def write_cams(model, dataset, device, names, topk, target, folder, files):
@@ -281,9 +282,9 @@ def newest_run_weights():
 def main(args):
     if args.weights is None:
         newest = newest_run_weights()
-        raise cli.UsageError("--weights is required: the weights to predict with, e.g. "
-                             + (f"--weights {newest} (the newest run here)" if newest else
-                                "--weights weights/b0-digits/best.pth from a train.py run"))
+        raise errors.UsageError("--weights is required: the weights to predict with, e.g. "
+                                + (f"--weights {newest} (the newest run here)" if newest else
+                                   "--weights weights/b0-digits/best.pth from a train.py run"))
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path:
             outputs.check_output_file(path, flag)
@@ -312,7 +313,7 @@ def main(args):
                         worker_init_fn=runtime.init_loader_worker)
 
     if args.cam and info.get("source") == "export":
-        raise cli.UsageError("--cam needs the best.pth the export came from: an exported file has no gradients")
+        raise errors.UsageError("--cam needs the best.pth the export came from: an exported file has no gradients")
     cam_class = cam_class_index(args.cam_class, names) if args.cam else None
     tta = args.tta and not (info.get("args") or {}).get("no_hflip", False)
     if args.tta and not tta:
@@ -454,10 +455,10 @@ if __name__ == "__main__":
     cli.quiet_warnings()
     try:
         sys.exit(main(args))
-    except (cli.UsageError, WeightsError) as e:
+    except (errors.UsageError, WeightsError) as e:
         print(f"error: {cli.printable(str(e))}", file=sys.stderr)
         sys.exit(2)
-    except outputs.WriteError as e:
+    except errors.WriteError as e:
         print(f"error: {cli.printable(str(e))}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -31,7 +31,7 @@ import zipfile
 import torch
 from tqdm import tqdm
 
-from checkpoint import WeightsError
+from errors import WeightsError
 from cli import progress_bars
 from outputs import atomic_write
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import outputs
-from cli import UsageError
+from errors import UsageError
 
 
 def check_torchvision():

@@ -38,6 +38,7 @@ import torch.distributed as dist  # noqa: E402
 
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
+import errors  # noqa: E402
 import model_files  # noqa: E402
 import my_dataset  # noqa: E402
 import outputs  # noqa: E402
@@ -47,7 +48,7 @@ import reports  # noqa: E402
 import runtime  # noqa: E402
 import transforms  # noqa: E402
 import utils  # noqa: E402
-from checkpoint import WeightsError  # noqa: E402
+from errors import WeightsError  # noqa: E402
 from model import VARIANTS, create_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -242,8 +243,8 @@ def make_run_dir(args):
             raise  # a file in the way, here or above: start_outputs says it cannot write there
         if args.exist_ok or not os.listdir(args.output_dir):
             return False
-        raise cli.UsageError(f"--output-dir {args.output_dir} already holds files: pass --resume to continue "
-                               "that run, --exist-ok to write into it anyway, or choose another folder") from None
+        raise errors.UsageError(f"--output-dir {args.output_dir} already holds files: pass --resume to continue "
+                                  "that run, --exist-ok to write into it anyway, or choose another folder") from None
 
 
 def resume_args(args, parser):
@@ -304,9 +305,9 @@ def build_data(args, device, stored=None):
     train_sampler = my_dataset.EpochSampler(train_set, world, rank, shuffle=True, seed=args.seed, weights=weights)
     if world > 1 and not args.eval_only and len(train_sampler) < args.batch_size:
         # each process would drop its one incomplete batch (make_loader's drop_last): nothing would train
-        raise cli.DataError(f"{len(split.train_images)} training images shared by {world} processes leave "
-                            f"{len(train_sampler)} to each, fewer than --batch-size {args.batch_size}: use "
-                            f"--batch-size {len(train_sampler)} or fewer processes")
+        raise errors.DataError(f"{len(split.train_images)} training images shared by {world} processes leave "
+                               f"{len(train_sampler)} to each, fewer than --batch-size {args.batch_size}: use "
+                               f"--batch-size {len(train_sampler)} or fewer processes")
     workers = runtime.usable_workers(args.workers)
     bn_loader = None
     if args.precise_bn:  # a fixed sample of training images, decoded and resized as validation does
@@ -442,8 +443,8 @@ def eval_folder(args, weights):
     outputs.lock_folder(folder)  # a run folder: not while train.py writes to it
     there = [name for name in ("predictions.csv", "mistakes.png") if os.path.exists(os.path.join(folder, name))]
     if there and not args.exist_ok:
-        raise cli.UsageError(f"--output-dir {folder} already holds {' and '.join(there)}: choose another folder "
-                             "(without --output-dir: a new one beside the weights), or pass --exist-ok to replace them")
+        raise errors.UsageError(f"--output-dir {folder} already holds {' and '.join(there)}: choose another folder "
+                                "(without --output-dir: a new one beside the weights), or pass --exist-ok to replace them")
     return folder
 
 
@@ -483,8 +484,8 @@ def trained_data_path(folder, weights):
     """The data folder `weights` was trained on, for --eval-only without --data-path: said, or
     refused in one line when it is not on this machine."""
     if not isinstance(folder, str) or "\0" in folder or not os.path.isdir(folder):
-        raise cli.UsageError(f"--eval-only: {weights} was trained on {cli.printable(str(folder)[:200])}, which is "
-                             "not a folder here; pass --data-path with the class folders to evaluate on")
+        raise errors.UsageError(f"--eval-only: {weights} was trained on {cli.printable(str(folder)[:200])}, which is "
+                                "not a folder here; pass --data-path with the class folders to evaluate on")
     runtime.print0(f"evaluating on {cli.printable(folder)}, the data {weights} was trained on (--data-path to "
                    "choose other data)")
     return folder
@@ -519,8 +520,8 @@ def start_outputs(args, ckpt, split, save_first):
         if made and not os.path.exists(os.path.join(args.output_dir, "last.pth")):
             shutil.rmtree(args.output_dir, ignore_errors=True)
         if isinstance(e, OSError):  # not a folder, read-only, a full disk
-            raise cli.UsageError(f"cannot write to the run folder {args.output_dir} ({e.strerror}): choose "
-                                   "another with --output-dir or free some space") from None
+            raise errors.UsageError(f"cannot write to the run folder {args.output_dir} ({e.strerror}): choose "
+                                      "another with --output-dir or free some space") from None
         raise
 
 
@@ -546,11 +547,11 @@ def main(args, parser):
     data = build_data(args, device, ckpt and ckpt.get("split"))
     classes = data.split.classes
     if ckpt is not None and ckpt["meta"]["classes"] != classes:
-        raise cli.DataError(f"--resume: {args.data_path} has classes {classes}, but the run was trained on "
-                              f"{ckpt['meta']['classes']}; resume with the same data or start a new run")
+        raise errors.DataError(f"--resume: {args.data_path} has classes {classes}, but the run was trained on "
+                                 f"{ckpt['meta']['classes']}; resume with the same data or start a new run")
     if trained.get("classes", classes) != classes:  # a fresh classifier would be scored: chance, not the model
-        raise cli.DataError(f"--eval-only: {args.data_path} has classes {classes}, but {args.weights} was trained "
-                            f"on {trained['classes']}; evaluate it on data with the same class folders")
+        raise errors.DataError(f"--eval-only: {args.data_path} has classes {classes}, but {args.weights} was trained "
+                               f"on {trained['classes']}; evaluate it on data with the same class folders")
     models = build_model(args, len(classes), ckpt, device)
     if args.eval_only:
         if ckpt is not None and models.ema is not None and ckpt.get("ema"):
@@ -630,7 +631,7 @@ def fit(args, models, data, optimization, progress, meta, device):
         finish(args, progress, data.split)
     except KeyboardInterrupt:
         return interrupted(args, done)
-    except utils.NonFiniteLossError as e:
+    except errors.NonFiniteLossError as e:
         return failed(args, done, f"{e}; stopped", "resume with a lower --lr, --clip-grad 1 or --amp off (all "
                       f"taken on --resume): {resume_command(args)} --lr ...")
     except OSError as e:  # a full disk, a folder that went away: the files written before are whole
@@ -661,7 +662,7 @@ def validate(args, models, data, device, epoch):
     result = utils.evaluate(models.eval, data.val_loader, device, len(data.split.classes), args.channels_last,
                             runtime.rank() == 0)
     if result["confusion"].sum() and not math.isfinite(result["val_loss"]):
-        raise utils.NonFiniteLossError(f"the validation loss became {result['val_loss']} in epoch {epoch}")
+        raise errors.NonFiniteLossError(f"the validation loss became {result['val_loss']} in epoch {epoch}")
     return result
 
 
@@ -854,7 +855,7 @@ if __name__ == "__main__":
     check_args(parser, args)
     try:
         code = main(args, parser)
-    except (cli.UsageError, WeightsError) as e:
+    except (errors.UsageError, WeightsError) as e:
         print(f"error: {cli.printable(str(e))}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:  # before the first epoch: nothing to resume yet, and no run folder left

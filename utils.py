@@ -16,7 +16,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from cli import DataError, printable, progress_bars
+from cli import printable, progress_bars
+from errors import DataError, NonFiniteLossError
 from my_dataset import IndexedSubset, shape_problem
 from outputs import atomic_write_text
 from runtime import all_reduce_sum, amp_dtype, gather_objects, is_distributed, sum_dtype, world_size
@@ -366,9 +367,6 @@ def write_left_out(path, broken):
 # ---------------------------------------------------------------------------------------------
 # Training and evaluation loops
 # ---------------------------------------------------------------------------------------------
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the weights became NaN or infinite: the run diverged."""
 
 
 CHECK_EVERY = 50  # on a GPU, the steps between two reads of the loss (the NaN check)

@@ -24,7 +24,7 @@ from model import VARIANTS  # noqa: E402
 from my_dataset import MyDataSet, PackedPaths, load_rgb  # noqa: E402
 import transforms  # noqa: E402
 import utils  # noqa: E402
-from cli import DataError  # noqa: E402
+from errors import DataError  # noqa: E402
 from model_files import read_class_indices, write_class_indices  # noqa: E402
 from my_dataset import make_loader  # noqa: E402
 from reports import plot_class_distribution  # noqa: E402

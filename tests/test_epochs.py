@@ -13,8 +13,8 @@ import textwrap
 import pytest
 import torch
 
-import cli
 import train as train_script
+import errors
 import utils
 from conftest import FAST, ROOT, TRAIN_MAIN_UNDER_TORCHRUN, copy_digits
 from test_runs import run_copy, run_main  # noqa: F401 (a fixture)
@@ -117,7 +117,7 @@ def test_eval_only_without_data_path_evaluates_the_data_it_was_trained_on(tiny_r
 
     best["meta"]["args"]["data_path"] = str(tmp_path / "gone")
     torch.save(best, tmp_path / "moved.pth")
-    with pytest.raises(cli.UsageError, match=r"moved.pth was trained on .*gone, which is not a folder here; pass "
+    with pytest.raises(errors.UsageError, match=r"moved.pth was trained on .*gone, which is not a folder here; pass "
                                              "--data-path"):
         run_main("--eval-only", "--weights", tmp_path / "moved.pth", "--workers", "0")
 

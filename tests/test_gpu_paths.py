@@ -14,10 +14,10 @@ from torch.overrides import TorchFunctionMode
 
 import benchmark
 import checkpoint
-import cli
 import conftest
 import export
 import predict
+import errors
 import runtime
 import train
 import utils
@@ -165,7 +165,7 @@ def test_torchrun_on_gpus_sets_the_device_then_nccl(monkeypatch, cuda_flags):
 
 
 def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch, cuda_flags):
-    with pytest.raises(cli.UsageError, match=r"torchrun starts 2 processes on this machine, but it has 1 GPU\(s\): "
+    with pytest.raises(errors.UsageError, match=r"torchrun starts 2 processes on this machine, but it has 1 GPU\(s\): "
                                              r"use --nproc_per_node=1, or --device cpu"):
         start_train(monkeypatch, [], gpus=1, local_rank=1, local_world=2)
 
@@ -320,14 +320,14 @@ def test_the_loss_is_read_back_from_a_gpu_every_few_steps_not_every_step(monkeyp
 
 def test_a_nan_loss_stops_the_epoch_at_its_step_on_a_cpu_and_soon_after_on_a_gpu(monkeypatch):
     model = DivergesAt(step=3)
-    with pytest.raises(utils.NonFiniteLossError, match=r"^the loss became nan in epoch 1, step 3$"):
+    with pytest.raises(errors.NonFiniteLossError, match=r"^the loss became nan in epoch 1, step 3$"):
         run_epoch(model, torch.device("cpu"))
     assert model.calls == 4
 
     FakeGPUs(monkeypatch, 1)
     monkeypatch.setattr(utils, "CHECK_EVERY", 5)
     model = DivergesAt(step=3)
-    with OnCPU("cuda"), pytest.raises(utils.NonFiniteLossError, match=r"^the loss became nan in epoch 1, steps 0-4$"):
+    with OnCPU("cuda"), pytest.raises(errors.NonFiniteLossError, match=r"^the loss became nan in epoch 1, steps 0-4$"):
         run_epoch(model, torch.device("cuda", 0))
     assert model.calls == 5
 
@@ -392,7 +392,7 @@ def test_a_share_smaller_than_the_batch_is_refused(tmp_path, monkeypatch):
     parser = train.get_args_parser()
     args = parser.parse_args(["--data-path", data, "--img-size", "32", "--workers", "0", "--batch-size", "16",
                               "--precise-bn", "0"])
-    with pytest.raises(cli.DataError, match=r"^24 training images shared by 2 processes leave 12 to each, fewer "
+    with pytest.raises(errors.DataError, match=r"^24 training images shared by 2 processes leave 12 to each, fewer "
                                             r"than --batch-size 16: use --batch-size 12 or fewer processes$"):
         train.build_data(args, torch.device("cpu"))
     args.batch_size = 12

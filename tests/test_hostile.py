@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import train as train_script
-import cli
+import errors
 import model_files
 import my_dataset
 import outputs
@@ -212,7 +212,7 @@ def test_out_of_range_flags_are_refused(flags, words, capsys):
 
 
 def test_a_device_that_cannot_train_is_refused():
-    with pytest.raises(cli.UsageError, match="--device meta is not a device to train or predict on"):
+    with pytest.raises(errors.UsageError, match="--device meta is not a device to train or predict on"):
         runtime.choose_device("meta")
 
 
@@ -416,7 +416,7 @@ def test_predict_checks_its_output_paths_before_predicting(tiny_data, tmp_path):
     result = run_script("predict.py", tiny_data, "--weights", weights, "--csv", tmp_path / "no" / "p.csv", check=False)
     assert_user_error(result, "--csv", "does not exist")
     assert result.stdout == ""  # nothing was predicted first
-    with pytest.raises(cli.UsageError, match="--plot .* is a folder"):
+    with pytest.raises(errors.UsageError, match="--plot .* is a folder"):
         outputs.check_output_file(str(tmp_path), "--plot")
 
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import cli
+import errors
 import model_files
 import pretrained
 import reports
 import train
 import utils
-from checkpoint import WeightsError
+from errors import WeightsError
 from conftest import FAST, ROOT
 from inference import fuse_bn
 from model import create_model
@@ -79,9 +80,9 @@ def test_the_tutorials_num_classes_flag_gets_a_hint(capsys):
 
 
 def test_a_missing_flower_photos_folder_points_to_the_data_readme(tmp_path):
-    with pytest.raises(cli.DataError, match="data/README.md says where to get it"):
+    with pytest.raises(errors.DataError, match="data/README.md says where to get it"):
         utils.read_split_data(str(tmp_path / "data" / "flower_photos"))
-    with pytest.raises(cli.DataError) as other:
+    with pytest.raises(errors.DataError) as other:
         utils.read_split_data(str(tmp_path / "my_data"))
     assert "README" not in str(other.value)
 

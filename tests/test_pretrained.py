@@ -21,7 +21,7 @@ import torchvision
 from PIL import Image
 
 import pretrained
-from checkpoint import WeightsError
+from errors import WeightsError
 from conftest import FAST, ROOT, TRAIN_MAIN_UNDER_TORCHRUN, copy_digits, run_script
 
 PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
@@ -186,13 +186,13 @@ def test_two_downloads_at_once(cache, payload, monkeypatch):
     """Two downloads that overlap (the server answers neither until both asked) each land a whole
     file: the cache holds the right bytes and nothing else."""
     name = pretrained.FILES["b0"]
-    results, errors = [], []
+    results, failures = [], []
 
     def use():
         try:
             results.append(pretrained.resolve("imagenet", "b0"))
         except Exception as e:  # reported by the assertion below
-            errors.append(e)
+            failures.append(e)
 
     with Server({f"models/{name}": payload}, mode="together", delay=0.01) as server:
         monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", server.url)
@@ -201,7 +201,7 @@ def test_two_downloads_at_once(cache, payload, monkeypatch):
             t.start()
         for t in threads:
             t.join(30)
-    assert not errors and results == [str(cache / name)] * 2
+    assert not failures and results == [str(cache / name)] * 2
     assert server.requests == 2 and server.two_in.is_set()
     assert listing(cache) == [name] and (cache / name).read_bytes() == payload
 

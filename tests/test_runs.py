@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import checkpoint
-import cli
+import errors
 import my_dataset
 import outputs
 import train as train_script
@@ -75,11 +75,11 @@ def test_eval_only_resume_scores_the_ema_and_leaves_the_run_as_it_was(run_copy, 
     training = os.open(run, os.O_RDONLY | os.O_DIRECTORY)  # as a train.py still writing the run holds it
     fcntl.flock(training, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
-        with pytest.raises(cli.UsageError, match="another train.py .*is writing to"):
+        with pytest.raises(errors.UsageError, match="another train.py .*is writing to"):
             run_main("--eval-only", "--resume", run / "last.pth", "--workers", "0", "--output-dir", run, "--exist-ok")
     finally:
         os.close(training)
-    with pytest.raises(cli.UsageError, match="already holds predictions.csv and mistakes.png: .* --exist-ok"):
+    with pytest.raises(errors.UsageError, match="already holds predictions.csv and mistakes.png: .* --exist-ok"):
         run_main("--eval-only", "--resume", run / "last.pth", "--workers", "0", "--output-dir", run)
     assert (run / "predictions.csv").read_bytes() == own
 
@@ -94,7 +94,7 @@ def test_eval_only_weights_takes_size_and_classes_from_the_checkpoint(run_copy, 
                     "--output-dir", tmp_path / "e") == 0
     assert f"loss {row['val_loss']:.4f}  top-1 {best['val_top1']:.4f}" in capsys.readouterr().out
     os.rename(data / "2", data / "two")
-    with pytest.raises(cli.DataError, match=r"has classes \['0', '1', 'two'\], but .*best.pth was trained on"):
+    with pytest.raises(errors.DataError, match=r"has classes \['0', '1', 'two'\], but .*best.pth was trained on"):
         run_main("--eval-only", "--weights", run / "best.pth", "--data-path", data, "--workers", "0",
                  "--output-dir", tmp_path / "e2")
 

@@ -21,12 +21,13 @@ from PIL import Image
 import checkpoint
 import cli
 import export
+import errors
 import exported as exported_files  # the fixture below is named exported
 import model_files
 import outputs
 import predict
 import reports
-from checkpoint import WeightsError
+from errors import WeightsError
 from conftest import ROOT, copy_digits, run_script
 from inference import fuse_bn
 from model import VARIANTS, create_model, read_weights
@@ -249,7 +250,7 @@ def test_checkpoint_class_names_must_match_the_classifier():
 def test_class_indices_must_map_0_to_n_minus_1_to_names(tmp_path, text):
     """Before: a list was a TypeError traceback and a number became a class name."""
     (tmp_path / "c.json").write_text(text)
-    with pytest.raises(cli.DataError, match="cannot read class names"):
+    with pytest.raises(errors.DataError, match="cannot read class names"):
         model_files.read_class_indices(str(tmp_path / "c.json"))
 
 
@@ -267,7 +268,7 @@ def test_fifos_given_as_input_files_are_refused_not_waited_on(tmp_path):
     previous = signal.signal(signal.SIGALRM, waited)
     try:
         for call, error in [(lambda: checkpoint.load_checkpoint(fifo), WeightsError),
-                            (lambda: model_files.read_class_indices(fifo), cli.DataError),
+                            (lambda: model_files.read_class_indices(fifo), errors.DataError),
                             (lambda: exported_files.read_sidecar(str(tmp_path / "m.onnx")), WeightsError)]:
             signal.alarm(5)
             with pytest.raises(error, match="not a regular file"):
@@ -335,7 +336,7 @@ def test_outputs_that_are_inputs_or_each_other_are_refused_before_any_work(photo
              (["--csv", os.path.join(images, ".", "x_cam.png"), "--cam", images], "--cam .* is also the --csv file")]
     (tmp_path / "x.png").write_bytes(b"")
     for flags, words in cases:
-        with pytest.raises(cli.UsageError, match=words):
+        with pytest.raises(errors.UsageError, match=words):
             predict.main(predict_args(tmp_path / "x.png", images, "--weights", tmp_path / "best.pth", *flags))
     assert (tmp_path / "best.pth").read_bytes() == b"weights" and not (tmp_path / "out").exists()
 
@@ -344,7 +345,7 @@ def test_export_refuses_a_sidecar_over_its_weights(tmp_path):
     (tmp_path / "m.pt2.json").write_bytes(b"weights")
     args = export.get_args_parser().parse_args(["--weights", str(tmp_path / "m.pt2.json"), "--format", "pt2",
                                                 "--output", str(tmp_path / "m.pt2")])
-    with pytest.raises(cli.UsageError, match="sidecar .* is also the --weights file"):
+    with pytest.raises(errors.UsageError, match="sidecar .* is also the --weights file"):
         export.main(args)
 
 
@@ -352,7 +353,7 @@ def test_a_cam_folder_that_cannot_be_made_is_refused_before_any_work(photos, tmp
     """Before: predicted everything, then a traceback from os.makedirs."""
     _, images = photos
     (tmp_path / "notes").write_text("")
-    with pytest.raises(cli.UsageError, match="not a writable folder"):
+    with pytest.raises(errors.UsageError, match="not a writable folder"):
         predict.main(predict_args(images, "--weights", tmp_path / "best.pth", "--cam", tmp_path / "notes" / "cams"))
 
 
