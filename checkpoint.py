@@ -4,6 +4,8 @@ written and read.
     import checkpoint
     ckpt = checkpoint.load_checkpoint("weights/b0-digits/best.pth")   # plain dicts and tensors
     ckpt["model"], ckpt["meta"]["classes"], ckpt["meta"]["img_size"]
+    run = checkpoint.load_resume("weights/b0-digits/last.pth")         # a Resume, every field checked
+    run.progress.epoch, run.meta["args"], run.optimizer
 
 Both files are dicts of plain types, so `torch.load(weights_only=True)` opens them:
 
@@ -18,15 +20,18 @@ META describes the model so that predict.py needs nothing but the file: "format"
 which has the same fields. Every write is atomic: a crash leaves the old file or the new one.
 """
 import contextlib
+import dataclasses
 import os
 import pickle
 import signal
 import threading
 import zipfile
+from typing import NamedTuple, Optional
 
 import torch
 
 from errors import WeightsError
+from model import MAX_IMG_SIZE, MIN_IMG_SIZE
 from outputs import atomic_write
 
 FORMAT = 2  # 1: no "format" field; 2: "format" added. Raise it when a field changes meaning.
@@ -75,7 +80,7 @@ def tensor_problem(name, t):
         return f"a tensor of {t.numel():,} values, more than any EfficientNet's"
     if t.untyped_storage().nbytes() < t.numel() * t.element_size():
         return f"a tensor of {t.numel():,} values stored in {t.untyped_storage().nbytes():,} bytes"
-    if name.endswith("num_batches_tracked"):
+    if name.endswith(("num_batches_tracked", "n_averaged")):  # counts: BatchNorm's batches, the EMA's updates
         return None if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool else \
             f"stored as {str(t.dtype).replace('torch.', '')}, not as a whole number"
     if t.dtype not in FLOATS:
@@ -134,8 +139,8 @@ def preprocessing_problem(resize, crop, interpolation, mean, std):
     """(field, what it must be) for the first eval setting that predict.py cannot use as it is, or
     None. The file may come from anyone: a resize of 60,000 px would allocate gigabytes per image,
     a std of 0 turns every probability into NaN."""
-    if not (type(crop) is int and 32 <= crop <= 1024):
-        return "crop", "a whole number of pixels from 32 to 1024"
+    if not (type(crop) is int and MIN_IMG_SIZE <= crop <= MAX_IMG_SIZE):
+        return "crop", f"a whole number of pixels from {MIN_IMG_SIZE} to {MAX_IMG_SIZE}"
     if not (type(resize) is int and crop <= resize <= 2 * crop):
         return "resize", "a whole number of pixels from crop to twice crop"
     if interpolation not in INTERPOLATIONS:
@@ -164,8 +169,8 @@ def meta_problem(meta):
     if len(present) < len(EVAL_FIELDS):
         missing = next(field for field in EVAL_FIELDS if field not in meta)
         return missing, f"given with {present[0]} (the eval preprocessing is all or nothing)"
-    if not (type(meta["img_size"]) is int and meta["img_size"] >= 32):
-        return "img_size", "a whole number of pixels, 32 or more"
+    if not (type(meta["img_size"]) is int and meta["img_size"] >= MIN_IMG_SIZE):
+        return "img_size", f"a whole number of pixels, {MIN_IMG_SIZE} or more"
     problem = preprocessing_problem(meta["eval_resize"], meta["eval_crop"], meta["interpolation"], meta["mean"],
                                     meta["std"])
     if problem and problem[0] in ("crop", "resize"):  # named as META names them
@@ -187,13 +192,20 @@ def save_best(path, model, meta, epoch, val_top1):
     save({"model": model.state_dict(), "meta": meta, "epoch": epoch, "val_top1": val_top1}, path)
 
 
-def new_progress():
+@dataclasses.dataclass
+class Progress:
     """Where a run stands, as last.pth keeps it: the last finished epoch, the best val top-1 so far
-    and its epoch, the metrics of each epoch, the best epoch's confusion matrix and per-image
-    predictions (utils.evaluate's "predictions", indices into the split's validation images), and
-    the split itself (pack_split). None where a run saved before these were kept lacks them."""
-    return {"epoch": 0, "best_top1": -1.0, "best_epoch": None, "history": [], "best_confusion": None,
-            "best_predictions": None, "split": None}
+    and its epoch, the metrics of each epoch (dicts as reports.write_metrics writes them), the best
+    epoch's confusion matrix and per-image predictions (utils.evaluate's "predictions", indices into
+    the split's validation images), and the split itself (pack_split). None where a run saved
+    before these were kept lacks them."""
+    epoch: int = 0
+    best_top1: float = -1.0
+    best_epoch: Optional[int] = None
+    history: list = dataclasses.field(default_factory=list)
+    best_confusion: Optional[torch.Tensor] = None
+    best_predictions: Optional[dict] = None
+    split: Optional[dict] = None
 
 
 def pack_split(root, train_images, train_labels, val_images, val_labels):
@@ -231,15 +243,42 @@ def unpack_split(packed, root, where="last.pth"):
 
 
 def save_last(path, model, meta, progress, optimizer, scheduler, scaler, ema, rng):
-    """The whole state of a run: its `progress` (new_progress), the model, optimizer, schedule,
-    scaler and EMA, and one RNG state per process."""
-    save({"model": model.state_dict(), "meta": meta, **progress, "optimizer": optimizer.state_dict(),
+    """The whole state of a run: its Progress, the model, optimizer, schedule, scaler and EMA, and
+    one RNG state per process."""
+    save({"model": model.state_dict(), "meta": meta, **vars(progress), "optimizer": optimizer.state_dict(),
           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
           "ema": ema.state_dict() if ema is not None else None, "rng": rng}, path)
 
 
+class Resume(NamedTuple):
+    """A last.pth as --resume reads it: every field checked to be of its kind."""
+    path: str
+    model: dict
+    meta: dict  # META; meta["args"]: the run's flags
+    progress: Progress
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    ema: Optional[dict]  # None: a run with --no-ema
+    rng: list  # one RNG state per process of the run
+
+    @property
+    def args(self):
+        """The flags the run was trained with (train.py's argparse names)."""
+        return self.meta["args"]
+
+    @property
+    def classes(self):
+        return self.meta["classes"]
+
+    @property
+    def weights(self):
+        """The model's part, as weight_files.read_weights reads a checkpoint."""
+        return {"model": self.model, "meta": self.meta}
+
+
 def load_resume(path):
-    """A last.pth to continue from, checked to be one; WeightsError otherwise."""
+    """A last.pth to continue from, checked to be one (Resume); WeightsError otherwise."""
     if not os.path.isfile(path):
         raise WeightsError(f"--resume: no checkpoint at {path}; pass the run's last.pth, "
                            "e.g. --resume weights/b0-digits/last.pth")
@@ -248,8 +287,94 @@ def load_resume(path):
     if "optimizer" not in ckpt or "args" not in meta:
         raise WeightsError(f"--resume: {path} is not a last.pth written by train.py; to start from its "
                            "weights use --weights instead")
-    ckpt["meta"] = meta
-    return ckpt
+    start = Progress()  # fields added since the run was saved: their start value
+    progress = Progress(**{name: ckpt.get(name, getattr(start, name)) for name in vars(start)})
+    resume = Resume(path, ckpt["model"], meta, progress,
+                    *(ckpt.get(k) for k in ("optimizer", "scheduler", "scaler", "ema", "rng")))
+    if problem := resume_problem(resume):
+        field, wanted = problem
+        raise WeightsError(f"--resume: {path}: its {field} must be {wanted}; this last.pth was not written by "
+                           "train.py as it stands, or it is damaged")
+    return resume
+
+
+def resume_problem(resume):
+    """(field, what it must be) for the first field of a last.pth that --resume cannot use, or None.
+    The tensors inside (weights, optimizer state) are checked where they are loaded."""
+    p = resume.progress
+    whole = lambda v: type(v) is int and v >= 0  # noqa: E731
+    checks = [("epoch", whole(p.epoch), "a whole number of epochs"),
+              ("best_top1", type(p.best_top1) in (int, float), "a number"),
+              ("best_epoch", p.best_epoch is None or whole(p.best_epoch), "an epoch number"),
+              ("history", isinstance(p.history, list) and all(isinstance(r, dict) for r in p.history),
+               "a list of each epoch's metrics"),
+              ("best_confusion", p.best_confusion is None or isinstance(p.best_confusion, torch.Tensor)
+               and p.best_confusion.dim() == 2, "a matrix"),
+              ("best_predictions", p.best_predictions is None or isinstance(p.best_predictions, dict),
+               "a table of predictions"),
+              ("split", p.split is None or isinstance(p.split, dict), "a record of the run's files"),
+              ("model", isinstance(resume.model, dict), "a state_dict"),
+              ("optimizer", isinstance(resume.optimizer, dict), "an optimizer state"),
+              ("scheduler", isinstance(resume.scheduler, dict), "a schedule state"),
+              ("scaler", resume.scaler is None or isinstance(resume.scaler, dict), "a grad-scaler state"),
+              ("ema", resume.ema is None or isinstance(resume.ema, dict), "a state_dict"),
+              ("rng", isinstance(resume.rng, list) and resume.rng, "a list of RNG states")]
+    return next(((field, wanted) for field, ok, wanted in checks if not ok), None)
+
+
+def state_problem(resume, optimizer, ema):
+    """(what, why) for the first part of a last.pth's optimizer or EMA state that does not fit this
+    run's `optimizer` and `ema` (recipe.EMA or None), or None; judged before any of it is loaded,
+    without touching a value: its groups and their sizes, and each tensor's kind and shape (a file
+    from elsewhere would otherwise fail in the first step, or load silently into the wrong shape)."""
+    groups, state = resume.optimizer.get("param_groups"), resume.optimizer.get("state")
+    if not (isinstance(groups, list) and isinstance(state, dict)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        return "optimizer", "not an optimizer state"
+    sizes, wanted = [len(g["params"]) for g in groups], [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != wanted:
+        return "optimizer", f"a state of {sizes} parameters per group, where this model's optimizer has {wanted}"
+    shapes = dict(zip((i for g in groups for i in g["params"]),
+                      (p.shape for g in optimizer.param_groups for p in g["params"])))
+    for index, entry in state.items():
+        if index not in shapes or not isinstance(entry, dict):
+            return f"optimizer state {str(index)[:20]}", "not the state of one of the model's parameters"
+        for name, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            where = f"optimizer state {index}.{str(name)[:40]}"
+            if problem := tensor_problem(str(name), value):
+                return where, problem
+            if value.dim() and value.shape != shapes[index]:
+                return where, f"of shape {list(value.shape)} where its parameter's is {list(shapes[index])}"
+    return ema_problem(resume, ema)
+
+
+def ema_problem(resume, ema):
+    """(what, why) for the first entry of a last.pth's EMA that this run's `ema` (recipe.EMA or
+    None) cannot load, or None."""
+    if ema is not None and resume.ema is not None:
+        expected = {k: v.shape for k, v in ema.state_dict().items()}
+        if set(resume.ema) != set(expected):
+            key = next(iter(set(resume.ema) ^ set(expected)))
+            return "ema", f"{'without' if key in expected else 'with'} {str(key)[:80]}, unlike this model's average"
+        for key, value in resume.ema.items():
+            if not isinstance(value, torch.Tensor):
+                return f"ema {key}", "not a tensor"
+            if problem := tensor_problem(key, value):
+                return f"ema {key}", problem
+            if value.shape != expected[key]:
+                return f"ema {key}", f"of shape {list(value.shape)} where the model's is {list(expected[key])}"
+    return None
+
+
+def averaged_weights(ckpt):
+    """The EMA weights of a last.pth (what its validation scored and best.pth saves), or None: its
+    "model" holds the raw training weights, which predict worse on small data."""
+    ema = ckpt.get("ema") if isinstance(ckpt, dict) and "optimizer" in ckpt else None
+    if not isinstance(ema, dict):
+        return None
+    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")} or None
 
 
 def save(obj, path):

@@ -25,7 +25,7 @@ import model_files
 import outputs
 import pretrained
 from errors import WeightsError
-from model import VARIANTS
+from model import MAX_IMG_SIZE, MIN_IMG_SIZE, VARIANTS
 
 ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export needs; onnxruntime runs the result
 
@@ -89,8 +89,8 @@ def main(args):
         print(f"error: --format onnx needs {', '.join(missing)}: pip install -r requirements-export.txt "
               "(or use --format pt2, which needs only torch)", file=sys.stderr)
         return 2
-    if args.img_size is not None and not 32 <= args.img_size <= 1024:
-        raise errors.UsageError(f"--img-size must be between 32 and 1024 (got {args.img_size})")
+    if args.img_size is not None and not MIN_IMG_SIZE <= args.img_size <= MAX_IMG_SIZE:
+        raise errors.UsageError(f"--img-size must be between {MIN_IMG_SIZE} and {MAX_IMG_SIZE} (got {args.img_size})")
     if (weights := pretrained.resolve(args.weights, args.model)) != args.weights and args.output is None:
         args.output = os.path.basename(os.path.splitext(weights)[0]) + "." + args.format  # here, not in torch's cache
     args.weights = weights

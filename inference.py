@@ -4,7 +4,7 @@ would. CPUInference calls oneDNN's fused ops (`torch.ops.mkldnn`, private to PyT
 `CPUInference.available()` says whether this PyTorch has them, and where it has not, the eager
 model runs.
 
-    model = CPUInference(fuse_bn(create_model("b0", weights="best.pth")))
+    model = CPUInference(fuse_bn(model_files.load_model("best.pth")[0]))
 """
 from concurrent.futures import ThreadPoolExecutor
 

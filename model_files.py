@@ -12,12 +12,12 @@ import torch
 
 import checkpoint
 import exported
-from errors import WeightsError
-from errors import DataError, UsageError
+from errors import DataError, UsageError, WeightsError
 from inference import fuse_bn
-from model import VARIANTS, Variant, create_model, read_weights
+from model import VARIANTS, Variant, create_model
 from outputs import atomic_write_text
 from transforms import build_transform
+from weight_files import load_weights, read_weights
 
 
 def write_class_indices(path, classes):
@@ -92,15 +92,6 @@ def eval_transform(info, variant_name):
     return build_transform(v, v.eval_crop, train=False, eval_sizes=(v.eval_resize, v.eval_crop)), v.eval_resize
 
 
-def averaged_weights(ckpt):
-    """The EMA weights of a last.pth (what its validation scored and best.pth saves), or None: its
-    "model" holds the raw training weights, which predict worse on small data."""
-    ema = ckpt.get("ema") if isinstance(ckpt, dict) and "optimizer" in ckpt else None
-    if not isinstance(ema, dict):
-        return None
-    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")} or None
-
-
 def load_model(weights, model_name=None, device=torch.device("cpu")):
     """(model ready for inference, what the file says of itself (read_weights' info: variant,
     class count, and for this repo's checkpoints classes and preprocessing), eval transform, resize).
@@ -109,8 +100,8 @@ def load_model(weights, model_name=None, device=torch.device("cpu")):
     if weights.endswith((".pt2", ".onnx")):
         model, info = exported.load_exported(weights, device)
         return (model, info, *eval_transform(info, info["variant"]))
-    ckpt = checkpoint.load_checkpoint(weights)  # opened once: read_weights and create_model take the loaded file
-    if ema := averaged_weights(ckpt):
+    ckpt = checkpoint.load_checkpoint(weights)  # opened once: read_weights and load_weights take the loaded file
+    if ema := checkpoint.averaged_weights(ckpt):
         ckpt = dict(ckpt, model=ema)
     _, info = read_weights(ckpt, where=weights)
     info["ema"] = ema is not None
@@ -120,7 +111,7 @@ def load_model(weights, model_name=None, device=torch.device("cpu")):
     if model_name is not None and model_name != info["variant"]:
         raise WeightsError(f"{weights} holds EfficientNet-{info['variant'].upper()} weights, not "
                            f"{model_name.upper()}: use --model {info['variant']} or leave --model out")
-    model = create_model(info["variant"], info["num_classes"], weights=ckpt, verbose=False)
+    model = load_weights(create_model(info["variant"], info["num_classes"]), ckpt, verbose=False)
     model = fuse_bn(model).to(device, memory_format=torch.channels_last)
     transform, resize = eval_transform(info, info["variant"])
     return model, info, transform, resize

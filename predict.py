@@ -129,8 +129,7 @@ class ImagePaths(Dataset):
 def predict(model, loader, device, topk, amp=False, tta=False):
     """Yields (index, probabilities of the top k, their class indices) or (index, error, None).
     tta: the mean of the probabilities of each image and its mirror image."""
-    # fp16 needs no grad scaler without gradients: it is the fast dtype of GPUs older than bf16
-    dtype = torch.float16 if device.type == "cuda" and not runtime.native_bf16(device) else torch.bfloat16
+    dtype = runtime.half_dtype(device)  # fp16 needs no grad scaler without gradients
     with torch.inference_mode():
         for indices, images, failures in loader:
             for i, error in failures:

@@ -11,6 +11,26 @@ import math
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+# the peak learning rate for a global batch of 16, from scratch; fine-tuning takes a quarter of it
+BASE_LR = {"adamw": 1e-3, "sgd": 0.02, "rmsprop": 1e-3}
+FINE_TUNE_DIVISOR = 4  # pretrained weights want gentler steps
+WEIGHT_DECAY = {"adamw": 0.05, "sgd": 1e-5, "rmsprop": 1e-5}
+
+
+def default_lr(optimizer, pretrained):
+    """--lr when none is given: BASE_LR, a quarter of it with --weights."""
+    return BASE_LR[optimizer] / (FINE_TUNE_DIVISOR if pretrained else 1)
+
+
+def _number(x):
+    return f"{x:g}".replace("e-0", "e-")  # 0.001, 0.05, 1e-5
+
+
+# the defaults as train.py --help says them
+LR_HELP = (", ".join(f"{name} {_number(lr)}" for name, lr in BASE_LR.items())
+           + f" for a global batch of 16, 1/{FINE_TUNE_DIVISOR} of that with --weights")
+WEIGHT_DECAY_HELP = (f"adamw {_number(WEIGHT_DECAY['adamw'])}, else {_number(WEIGHT_DECAY['sgd'])}")
+
 
 def build_optimizer(args, model):
     decay, no_decay = [], []

@@ -87,13 +87,19 @@ def native_bf16(device):
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def half_dtype(device):
+    """The 16-bit float to compute in on `device`: fp16 on GPUs that lack native bf16 (fast there,
+    where bf16 is emulated), bf16 everywhere else."""
+    return torch.float16 if device.type == "cuda" and not native_bf16(device) else torch.bfloat16
+
+
 def amp_dtype(mode, device):
     """The autocast dtype for --amp MODE ("auto", "bf16", "fp16", "off") on `device`, or None for fp32.
     auto is bf16 on GPUs that have it natively, fp16 (with train.py's grad scaler) on older GPUs,
     and fp32 elsewhere: on CPUs bf16 training measured slower than fp32 at 64-224 px, with AMX
     (Intel Xeon: 0.58x at 64 px, 0.95x at 224 px) and without."""
     if mode == "auto":
-        mode = "off" if device.type != "cuda" else "bf16" if native_bf16(device) else "fp16"
+        return half_dtype(device) if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 

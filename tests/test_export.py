@@ -33,7 +33,7 @@ def exported_errors(names, folder, formats):
     x = torch.randn(3, 3, 32, 32)
     errors = {}
     for name in names:
-        model = fuse_bn(randomise(create_model(name, 7, verbose=False), seed=1)).eval()
+        model = fuse_bn(randomise(create_model(name, 7), seed=1)).eval()
         with torch.no_grad():
             eager = model(x)
         program = export.export_program(model, 32, dynamic_batch=True)

@@ -20,6 +20,7 @@ import model_files
 import my_dataset
 import outputs
 import runtime
+import saver
 import transforms
 import utils
 from conftest import FAST, ROOT, copy_digits, run_script
@@ -176,7 +177,7 @@ def test_weights_with_nan_are_refused(tmp_path):
     sd = train_script.create_model("b0", 3).state_dict()
     sd["features.top.0.weight"][0, 0] = float("nan")
     torch.save(sd, tmp_path / "nan.pth")
-    with pytest.raises(train_script.WeightsError, match="nan.pth holds NaN or infinite values"):
+    with pytest.raises(errors.WeightsError, match="nan.pth holds NaN or infinite values"):
         model_files.load_model(str(tmp_path / "nan.pth"))
 
 
@@ -393,7 +394,7 @@ def test_run_folders_are_created_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "mkdir", racing_mkdir)
     args = argparse.Namespace(model="b0", data_path="some/data", output_dir=None, exist_ok=False)
-    assert train_script.make_run_dir(args) and args.output_dir == os.path.join("weights", "b0-data-3")
+    assert saver.make_run_dir(args) and args.output_dir == os.path.join("weights", "b0-data-3")
 
 
 def test_two_processes_never_write_one_run(tiny_data, tmp_path):

@@ -19,15 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import activations  # noqa: E402
 import model as M  # noqa: E402
+import weight_files  # noqa: E402
 from inference import CPUInference, fuse_bn  # noqa: E402
-from model import VARIANTS, MBConv, WeightsError, create_model, efficientnet, make_divisible, read_weights  # noqa: E402
+from errors import WeightsError  # noqa: E402
+from model import VARIANTS, MBConv, create_model, efficientnet, make_divisible  # noqa: E402
+from weight_files import load_weights, read_weights  # noqa: E402
 
 NAMES = list(VARIANTS)  # b0 .. b7
 PARAMS = {"b0": 5_288_548, "b1": 7_794_184, "b2": 9_109_994, "b3": 12_233_232,
           "b4": 19_341_616, "b5": 30_389_784, "b6": 43_040_704, "b7": 66_347_960}
 BLOCKS = {"b0": 16, "b1": 23, "b2": 23, "b3": 26, "b4": 32, "b5": 39, "b6": 45, "b7": 55}
 DROPOUT = {"b0": 0.2, "b1": 0.2, "b2": 0.3, "b3": 0.3, "b4": 0.4, "b5": 0.4, "b6": 0.5, "b7": 0.5}
-TORCHVISION_EPS = M.TORCHVISION_BN_EPS  # proven by the output comparison with torchvision below
+TORCHVISION_EPS = weight_files.TORCHVISION_BN_EPS  # proven by the output comparison with torchvision below
 TUTORIAL_KEYS = ["features.stem_conv.0.weight", "features.stem_conv.1.running_var",
                  "features.1a.block.dwconv.0.weight", "features.1a.block.se.fc1.weight",
                  "features.2a.block.expand_conv.0.weight", "features.2b.block.project_conv.1.bias",
@@ -140,7 +143,7 @@ def test_torchvision_weights_give_torchvision_outputs(name, tmp_path):
     x = image()
     expected = output(tv, x)
 
-    ours = create_model(name, weights=str(path))
+    ours = load_weights(create_model(name), str(path))
     assert all(bn.eps == TORCHVISION_EPS[name] for bn in ours.modules() if isinstance(bn, nn.BatchNorm2d))
     assert rel_err(expected, output(ours, x)) <= TOL
 
@@ -170,7 +173,7 @@ def test_tutorial_and_repo_checkpoints_give_identical_outputs(name, tmp_path):
         assert read_weights(obj)[1]["variant"] == name, label
         path = tmp_path / f"{label}.pth"
         torch.save(obj, path)
-        assert rel_err(expected, output(create_model(name, weights=str(path)), x)) <= TOL, label
+        assert rel_err(expected, output(load_weights(create_model(name), str(path)), x)) <= TOL, label
         path.unlink()  # B7 files are 265 MB each
 
 
@@ -180,7 +183,7 @@ def test_repo_checkpoint_bn_eps_is_honoured(tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": src.state_dict(), "meta": {"variant": "b0", "bn_eps": 1e-5}}, path)
     x = image()
-    assert rel_err(output(src, x), output(create_model("b0", weights=str(path)), x)) <= TOL
+    assert rel_err(output(src, x), output(load_weights(create_model("b0"), str(path)), x)) <= TOL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +194,7 @@ def test_other_class_count_gets_new_head_and_keeps_backbone(b0_file, capsys):
     """Fine-tuning: a 1000-class file loads into a 5-class model with the backbone intact and
     a one-line note; with a matching class count nothing is printed."""
     path, sd = b0_file
-    model = create_model("b0", num_classes=5, weights=path)
+    model = load_weights(create_model("b0", num_classes=5), path)
     assert model.classifier[1].out_features == 5
     assert output(model, image()).shape == (2, 5)
     loaded = model.state_dict()
@@ -202,15 +205,15 @@ def test_other_class_count_gets_new_head_and_keeps_backbone(b0_file, capsys):
     note = lines[0].replace(path, "")
     assert "1000" in note and "5" in note
 
-    create_model("b0", num_classes=5, weights=path, verbose=False)
-    create_model("b0", num_classes=1000, weights=path)
+    load_weights(create_model("b0", num_classes=5), path, verbose=False)
+    load_weights(create_model("b0", num_classes=1000), path)
     assert capsys.readouterr().out == ""
 
 
 def test_messages_name_the_file_when_given_a_path(b0_file, capsys):
     """Notes and errors name the weights file also when it is passed as a pathlib.Path."""
     path = Path(b0_file[0])
-    create_model("b0", num_classes=5, weights=path)
+    load_weights(create_model("b0", num_classes=5), path)
     assert path.name in capsys.readouterr().out
 
 
@@ -222,7 +225,7 @@ def test_wrong_variant_is_refused_and_named(b0_file, fmt, tmp_path):
         path = tmp_path / "torchvision.pth"
         torch.save(torchvision.models.efficientnet_b0(weights=None).state_dict(), path)
     with pytest.raises(WeightsError) as err:
-        create_model("b2", weights=str(path))
+        load_weights(create_model("b2"), str(path))
     assert "b0" in str(err.value).lower()
 
 
@@ -248,7 +251,7 @@ def test_code_running_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": RunsCode(sentinel), "meta": {"variant": "b0"}}, path)
     with pytest.raises(WeightsError):
-        create_model("b0", weights=str(path))
+        load_weights(create_model("b0"), str(path))
     assert not sentinel.exists()
 
 
@@ -275,7 +278,7 @@ def test_unusable_weights_file_is_a_weights_error(kind, tmp_path):
     """Anything that is not an EfficientNet weights file is a WeightsError, not another traceback."""
     path = _bad_file(kind, tmp_path)
     with pytest.raises(WeightsError):
-        create_model("b0", weights=path)
+        load_weights(create_model("b0"), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,19 +429,19 @@ def test_training_step_matches_torchvision(channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     tv = torchvision.models.efficientnet_b0()
     randomise(tv, seed=8)
-    ours = create_model("b0", weights=tv.state_dict())
+    ours = load_weights(create_model("b0"), tv.state_dict())
     tv, ours = (_without_randomness(m).to(memory_format=fmt).train() for m in (tv, ours))
     x, y = image().contiguous(memory_format=fmt), torch.tensor([1, 3])
 
     loss_tv, grads_tv = _train_step(tv, x, y, seed=0)
     loss, grads = _train_step(ours, x, y, seed=0)
     torch.testing.assert_close(loss, loss_tv, rtol=1e-6, atol=1e-6)
-    grads_tv = M._from_torchvision(grads_tv)
+    grads_tv = weight_files._from_torchvision(grads_tv)
     assert grads.keys() == grads_tv.keys()
     scale = max(g.abs().max() for g in grads_tv.values())  # some BN-bias gradients are ~0: float noise
     for key in grads:
         torch.testing.assert_close(grads[key], grads_tv[key], rtol=1e-4, atol=1e-5 * scale, msg=key)
-    buffers_tv = M._from_torchvision(dict(tv.named_buffers()))
+    buffers_tv = weight_files._from_torchvision(dict(tv.named_buffers()))
     for key, value in ours.named_buffers():
         torch.testing.assert_close(value, buffers_tv[key], rtol=1e-5, atol=1e-6, msg=key)
 
@@ -700,7 +703,7 @@ def test_fresh_residual_blocks_start_as_the_identity():
 
     plain = create_model("b0", num_classes=5, zero_init_residual=False)
     assert all(bn.weight.eq(1).all() for bn in plain.modules() if isinstance(bn, nn.BatchNorm2d))
-    loaded = create_model("b0", num_classes=5, weights=plain.state_dict(), verbose=False)
+    loaded = load_weights(create_model("b0", num_classes=5), plain.state_dict(), verbose=False)
     torch.testing.assert_close(loaded.state_dict(), plain.state_dict())
 
 

@@ -104,7 +104,7 @@ def test_predicting_from_last_pth_uses_its_averaged_weights(tiny_run):
     x = torch.randn(2, 3, 32, 32)
 
     def logits(state):
-        m = create_model("b0", 3, verbose=False)
+        m = create_model("b0", 3)
         m.load_state_dict(state)
         return fuse_bn(m)(x)
 

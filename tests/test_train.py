@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import FAST, run_script
 
 import checkpoint
-import model as M
+import weight_files
 
 
 def read_csv(path):
@@ -98,7 +98,7 @@ def test_finetune_from_torchvision_file_with_other_class_count(tiny_data, tmp_pa
     assert best["meta"]["bn_eps"] == pytest.approx(1e-5)  # torchvision's B0 BatchNorm eps is kept
 
     # --freeze-layers: everything before features.top is exactly the file's, running stats included
-    source, _ = M.read_weights(str(path))
+    source, _ = weight_files.read_weights(str(path))
     trained = best["model"]
     frozen = [k for k in source if not k.startswith(("features.top.", "classifier."))]
     assert len(frozen) > 200

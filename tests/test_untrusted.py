@@ -30,7 +30,8 @@ import reports
 from errors import WeightsError
 from conftest import ROOT, copy_digits, run_script
 from inference import fuse_bn
-from model import VARIANTS, create_model, read_weights
+from model import VARIANTS, create_model
+from weight_files import read_weights
 
 CLASSES = ["zero", "one", "two"]
 
@@ -39,7 +40,7 @@ CLASSES = ["zero", "one", "two"]
 def exported(tmp_path_factory):
     """(a B0 exported with --dynamic-batch at 32 px with its sidecar, a folder of 4 images)."""
     folder = tmp_path_factory.mktemp("exported")
-    model = fuse_bn(create_model("b0", len(CLASSES), verbose=False)).eval()
+    model = fuse_bn(create_model("b0", len(CLASSES))).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     path = str(folder / "m.pt2")
@@ -240,7 +241,7 @@ def test_checkpoint_meta_is_checked_field_by_field():
 
 
 def test_checkpoint_class_names_must_match_the_classifier():
-    model = create_model("b0", 3, verbose=False)
+    model = create_model("b0", 3)
     meta = {"classes": ["a", "b", "c", "d", "e"]}
     with pytest.raises(WeightsError, match="names 5 classes but its classifier has 3 outputs"):
         read_weights({"model": model.state_dict(), "meta": meta}, where="best.pth")
@@ -460,7 +461,7 @@ def test_plot_limit_has_a_ceiling(capsys):
 # ---- weights files that torch.load(weights_only=True) opens but that are not what they claim ----
 
 def b0_state_dict():
-    return create_model("b0", 3, verbose=False).state_dict()
+    return create_model("b0", 3).state_dict()
 
 
 def changed(key, value):
