@@ -1,6 +1,7 @@
 """The performance levers users get by default, and benchmark.py itself. Speed is not asserted
 here (benchmark.py measures it as ratios); these check behaviour: that the levers do what they
 say and that the benchmark runs end to end."""
+import ast
 import os
 import re
 import subprocess
@@ -41,19 +42,73 @@ def test_keep_freed_memory_keeps_blocks_for_reuse():
     assert kept > 100 and returned < 40, (kept, returned)
 
 
-def test_benchmark_runs_every_row_with_positive_ratios():
+# a row of benchmark.py's table, the same in every mode: name, the baseline's figure, this repo's,
+# the unit, the ratio; "-" for a figure that does not exist
+ROW = re.compile(r"^(.+?)\s+([\d.]+|-)\s+([\d.]+|-)\s+(img/s|MiB|s)\s+(?:([\d.]+)x|-)$", re.M)
+HEADER = re.compile(r"^.+\S\s+baseline\s+this repo\s+unit\s+(ratio|speed-up)$", re.M)
+
+
+def table(out):
+    """[(name, baseline, this repo, unit, ratio)] of a benchmark.py run's output, numbers as floats
+    and "-" as None, after checking that it has one header, in the one format."""
+    assert len(HEADER.findall(out)) == 1, out
+    number = lambda x: None if x in ("-", "") else float(x)  # noqa: E731
+    return [(name.strip(), number(base), number(ours), unit, number(ratio))
+            for name, base, ours, unit, ratio in ROW.findall(out)]
+
+
+@pytest.fixture
+def tmp_as_tmpdir(tmp_path, monkeypatch):
+    """benchmark.py's temporary folders (photos, runs, exports) under the test's own."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    return tmp_path
+
+
+def test_benchmark_runs_every_row_with_positive_ratios(tmp_as_tmpdir):
     """benchmark.py end to end at a toy size: every contender's process runs and every row of the
     table has a positive figure on both sides."""
     out = run_script("benchmark.py", "--img-size", "32", "--batch-size", "2", "--steps", "1", "--rounds", "1",
                      "--workers", "0", "--device", "cpu", timeout=600).stdout
-    rows = re.findall(r"^(.+?)\s+([\d.]+)\s+([\d.]+)\s+(img/s|MiB)\s+([\d.]+)x$", out, re.M)
+    rows = table(out)
     names = [r[0] for r in rows]
     for expected in ("train step: train.py default vs tutorial loop", "peak tensor memory of a training step",
                      "inference: predict.py vs torchvision eager", "predict.py over 20 JPEGs",
                      "inference: export.py .pt2", "inference: export.py .onnx"):
         assert any(n.startswith(expected) for n in names), (expected, out)
     assert len(rows) == 17, out
-    assert all(float(r[1]) > 0 and float(r[2]) > 0 and float(r[4]) > 0 for r in rows), out
+    assert all(r[1] > 0 and r[2] > 0 and r[3] in ("img/s", "MiB") and r[4] > 0 for r in rows), out
+
+
+def test_the_peer_programs_import_nothing_of_this_repo():
+    """The programs the modes time this repo against stand for other projects' code: a module of
+    this repo's imported there would time this repo's way under their name. They are the files
+    the modes name with peer()."""
+    folder = os.path.join(ROOT, "benchmarks")
+    sources = "".join(open(os.path.join(folder, f), encoding="utf-8").read() for f in os.listdir(folder)
+                      if f.endswith(".py"))
+    peers = set(re.findall(r'peer\("(\w+\.py)"\)', sources))
+    assert {"tutorial_train.py", "plain_start.py", "plain_predict_folder.py", "plain_predict_one.py",
+            "until_first_step.py"} <= peers, peers
+    repo = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")} | {"benchmarks"}
+    for name in peers:
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & repo, (name, imported & repo)
+
+
+def test_benchmark_startup_times_both_starts_and_predict_memory(tmp_as_tmpdir):
+    """benchmark.py --startup on a folder of 200 files: torchvision's plain start and train.py, each
+    stopped at its first optimizer step, then predict.py's peak memory over the folder."""
+    out = run_script("benchmark.py", "--startup", "200", "--rounds", "1", "--workers", "0", timeout=600).stdout
+    rows = table(out)
+    assert [r[0] for r in rows] == ["200 files", "predict.py over them, peak resident memory"], out
+    (_, base, ours, unit, ratio), memory = rows
+    assert base > 0 and ours > 0 and unit == "s" and ratio == pytest.approx(ours / base, rel=0.1), out
+    assert memory[1:] == (None, memory[2], "MiB", None) and memory[2] > 0, out
 
 
 class GradSpy(torch.nn.Module):
@@ -100,30 +155,30 @@ def test_predict_answers_without_importing_torchvision_or_matplotlib(tmp_path):
     assert "imported: []" in out, out
 
 
-def test_benchmark_whole_commands_run_and_compare(tmp_path):
+def test_benchmark_whole_commands_run_and_compare(tmp_as_tmpdir):
     """benchmark.py --whole at a toy size: the tutorial's training script and train.py, the plain
     folder loop and predict.py, the six-line script and predict.py on one image, each row timed."""
-    copy_digits(tmp_path / "tiny")  # 3 classes of 10: 8 train images each, whole batches of 4
-    out = run_script("benchmark.py", "--whole", "--data-path", tmp_path / "tiny", "--img-size", "32",
+    copy_digits(tmp_as_tmpdir / "tiny")  # 3 classes of 10: 8 train images each, whole batches of 4
+    out = run_script("benchmark.py", "--whole", "--data-path", tmp_as_tmpdir / "tiny", "--img-size", "32",
                      "--batch-size", "4", "--rounds", "1", "--images", "8", timeout=600).stdout
-    rows = re.findall(r"^(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, re.M)
-    assert [r[0].strip() for r in rows] == ["train.py, 2 epochs on tiny at 32 px, batch 4", "the same, seconds per epoch",
-                                            "predict.py over 60 96x96 JPEGs (eval 256/224)",
-                                            "predict.py on one image, launch to answer",
-                                            "predict.py over 8 500x375 JPEGs at 224 px vs ONNX Runtime",
-                                            "the same, predict.py --amp"], out
-    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows), out
+    rows = table(out)
+    assert [r[0] for r in rows] == ["train.py, 2 epochs on tiny at 32 px, batch 4", "the same, seconds per epoch",
+                                    "predict.py over 60 96x96 JPEGs (eval 256/224)",
+                                    "predict.py on one image, launch to answer",
+                                    "predict.py over 8 500x375 JPEGs at 224 px vs ONNX Runtime",
+                                    "the same, predict.py --amp"], out
+    assert all(r[1] > 0 and r[2] > 0 and r[3] == "s" and r[4] > 0 for r in rows), out
     assert re.match(r"CPU: .+ \(\d+ CPUs, (AMX|AVX512-BF16, no AMX|no native bf16)\)\n", out), out  # what they hang on
 
 
-def test_time_to_accuracy_runs_both_programs_and_stops_them_at_the_target(tmp_path):
+def test_time_to_accuracy_runs_both_programs_and_stops_them_at_the_target(tmp_as_tmpdir):
     """benchmark.py --time-to-accuracy on a tiny folder with a target every epoch reaches: a row per
     seed with the launch-to-target time of the tutorial's program and of train.py, and their ratio;
     both runs stopped there, nothing left running."""
-    copy_digits(tmp_path / "tiny")
-    out = run_script("benchmark.py", "--time-to-accuracy", "--data-path", tmp_path / "tiny", "--img-size", "32",
+    copy_digits(tmp_as_tmpdir / "tiny")
+    out = run_script("benchmark.py", "--time-to-accuracy", "--data-path", tmp_as_tmpdir / "tiny", "--img-size", "32",
                      "--target", "0", "--max-epochs", "3", "--seeds", "0", timeout=600).stdout
-    row = re.search(r"^0\s+([\d.]+) s \(epoch 1\)\s+([\d.]+) s \(epoch 1\)\s+([\d.]+)x$", out, re.M)
-    assert row, out
-    tutorial, ours, ratio = map(float, row.groups())
-    assert tutorial > 0 and ours > 0 and ratio == pytest.approx(tutorial / ours, rel=0.05)
+    rows = table(out)
+    assert [r[0] for r in rows] == ["seed 0: epoch 1 / epoch 1"], out
+    _, tutorial, ours, unit, ratio = rows[0]
+    assert tutorial > 0 and ours > 0 and unit == "s" and ratio == pytest.approx(tutorial / ours, rel=0.05)
