@@ -1,14 +1,15 @@
 """Tests for the data side: the bundled digits, finding and splitting images (utils.read_split_data
 and friends), broken-file handling, decoding every Pillow mode to RGB (my_dataset.load_rgb),
-transforms, loaders, class_indices.json and the class-distribution plot.
+transforms and augmentation, loaders, the class-distribution plot, and folders with links, FIFOs,
+names that are not UTF-8 and other oddities, as training and predict.py meet them.
 
-Every test writes real image files with Pillow into tmp_path; nothing is mocked. CPU only, fast."""
+Every test writes real image files with Pillow into tmp_path; nothing is mocked. CPU only."""
 import json
 import os
 import shutil
-import struct
 import sys
-import zlib
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,15 @@ from my_dataset import MyDataSet, PackedPaths, load_rgb  # noqa: E402
 import transforms  # noqa: E402
 import utils  # noqa: E402
 from errors import DataError  # noqa: E402
-from model_files import read_class_indices, write_class_indices  # noqa: E402
 from my_dataset import make_loader  # noqa: E402
 from reports import plot_class_distribution  # noqa: E402
 from transforms import build_transform  # noqa: E402
 from utils import Split, check_image, list_images, read_split_data, scan_classes  # noqa: E402
+import errors  # noqa: E402
+import my_dataset  # noqa: E402
+import train as train_script  # noqa: E402
+from conftest import (FAST, assert_user_error, copy_digits, run_main, run_script, save, train,  # noqa: E402
+                      write_bomb_png, write_truncated_jpeg)
 
 DIGITS = ROOT / "data" / "digits"
 DIGIT_COUNTS = {0: 178, 1: 182, 2: 177, 3: 183, 4: 181, 5: 182, 6: 181, 7: 179, 8: 174, 9: 180}
@@ -39,17 +44,6 @@ B0 = VARIANTS["b0"]
 # ---------------------------------------------------------------------------------------------
 # helpers: every one writes real files
 # ---------------------------------------------------------------------------------------------
-
-def save(path, img=None, fmt=None, **kwargs):
-    """Write `img` (default: a small RGB image whose colour depends on the name) to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if img is None:
-        h = zlib.crc32(path.name.encode())
-        img = Image.new("RGB", (8, 8), (h & 255, (h >> 8) & 255, (h >> 16) & 255))
-    img.save(path, format=fmt, **kwargs)
-    return str(path)
-
 
 def make_classes(root, counts, ext=".png"):
     """root/<class>/<i>.png for {class: count}; returns {class: [paths]}."""
@@ -65,32 +59,6 @@ def per_class(split):
     return out
 
 
-def png_chunk(kind, data):
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def write_bomb_png(path, side=100_000):
-    """A ~70-byte PNG whose IHDR claims side x side 8-bit grey pixels; nothing large is allocated."""
-    data = (b"\x89PNG\r\n\x1a\n"
-            + png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-            + png_chunk(b"IDAT", zlib.compress(b"\x00\x00"))
-            + png_chunk(b"IEND", b""))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(data)
-    return str(path)
-
-
-def write_truncated_jpeg(path):
-    """The first half of a real 64x64 noise JPEG: the header is intact, the scan data is not."""
-    rng = np.random.default_rng(0)
-    full = Path(path).with_name("full_" + Path(path).name)
-    save(full, Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), quality=95)
-    data = full.read_bytes()
-    full.unlink()
-    Path(path).write_bytes(data[: len(data) // 2])
-    return str(path)
-
-
 def write_broken(folder):
     """A zero-byte .jpg, a text file named .png and a decompression-bomb PNG in `folder`."""
     folder = Path(folder)
@@ -101,6 +69,16 @@ def write_broken(folder):
     text.write_text("this is not an image\n")
     bomb = write_bomb_png(folder / "bomb.png")
     return [str(empty), str(text), bomb]
+
+
+def png(path, size=(8, 8), value=128):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("L", size, value).save(path)
+    return str(path)
+
+
+def make_class(folder, n, value=0):
+    return [png(os.path.join(folder, f"{i}.png"), value=value + 10 * i) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +329,34 @@ def test_file_as_data_path_raises_naming_it(tmp_path):
     assert file in str(info.value) and "file" in str(info.value)
 
 
+def test_missing_data_path(tmp_path):
+    assert_user_error(train("--data-path", tmp_path / "nope", *FAST), "nope", "does not exist", "--data-path")
+
+
+def test_file_instead_of_folder(tmp_path):
+    f = tmp_path / "images.zip"
+    f.write_bytes(b"PK")
+    assert_user_error(train("--data-path", f, *FAST), "images.zip", "is a file")
+
+
+def test_folder_without_class_folders(tmp_path):
+    shutil.copy(os.path.join(ROOT, "data", "digits", "0", "0000.png"), tmp_path / "a.png")
+    assert_user_error(train("--data-path", tmp_path, *FAST), "0 usable class", "sub-folder")
+
+
+def test_one_class_only(tmp_path):
+    data = copy_digits(tmp_path / "d", classes=("5",))
+    assert_user_error(train("--data-path", data, *FAST), "1 usable class", "at least 2")
+
+
+def test_a_missing_flower_photos_folder_points_to_the_data_readme(tmp_path):
+    with pytest.raises(errors.DataError, match="data/README.md says where to get it"):
+        utils.read_split_data(str(tmp_path / "data" / "flower_photos"))
+    with pytest.raises(errors.DataError) as other:
+        utils.read_split_data(str(tmp_path / "my_data"))
+    assert "README" not in str(other.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. broken files
 # ---------------------------------------------------------------------------------------------
@@ -482,6 +488,32 @@ def test_large_folder_checked_later_gives_the_same_split_and_report(tmp_path, ca
         assert [(p, y) for p, y in pairs(late) if p not in bad] == list(pairs(plain))
 
 
+def test_many_left_out_files_are_counted_by_reason_and_listed_in_the_run_folder(tmp_path, capsys):
+    """900 hard links to one image and 3 broken files: a line per reason with its count and first
+    paths instead of 903 lines before training, and the whole list in left_out.txt in the run
+    folder, which the summary names."""
+    root = tmp_path / "data"
+    make_class(root / "a", 4)
+    make_class(root / "b", 4, value=9)
+    for i in range(900):
+        os.link(root / "a" / "0.png", root / "a" / f"link{i:03d}.png")
+    for i in range(3):
+        (root / "b" / f"broken{i}.png").write_bytes(b"not an image")
+    run = tmp_path / "run"
+    assert run_main("--data-path", root, "--output-dir", run, *FAST[:-1], "1") == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  ") or "left out" in line]
+    assert warning[0] == "warning: 903 file(s) could not be used and are left out:"
+    assert warning[1] == (f"  900 x the same file as another; counted once: {root / 'a' / 'link000.png'}, "
+                          f"{root / 'a' / 'link001.png'}, {root / 'a' / 'link002.png'}, ...")
+    kind, paths = warning[2].split(": ", 1)
+    assert kind == "  3 x not an image Pillow can read"
+    assert sorted(paths.split(", ")) == [str(root / "b" / f"broken{i}.png") for i in range(3)]
+    assert warning[3] == "  the whole list: left_out.txt in the run folder" and len(warning) == 4
+    listed = (run / "left_out.txt").read_text().splitlines()
+    assert len(listed) == 903 and listed[0] == f"{root / 'a' / 'link000.png'}\tthe same file as {root / 'a' / '0.png'}; " \
+        "counted once"
+
+
 def test_packed_paths_read_back_every_name():
     not_utf8 = b"/data/c/\xff\xfe.jpg".decode("utf-8", "surrogateescape")
     names = ["/data/a/1.jpg", "/data/b/caf\u00e9.png", not_utf8, ""]
@@ -601,6 +633,17 @@ def test_load_rgb_float_tiff_in_unit_range(tmp_path):
     assert abs(out.getpixel((1, 0))[0] - 128) <= 1
     assert abs(out.getpixel((2, 0))[0] - 64) <= 1
     assert out.getpixel((6, 4)) == (0, 0, 0)
+
+
+def test_float_tiff_with_nan_pixels_decodes_the_others(tmp_path):
+    """NaN (no data) pixels in a float TIFF become black; the others keep their scale (0.5 is mid
+    grey, not 0), without a numpy warning that names no file."""
+    path = tmp_path / "nan.tif"
+    Image.fromarray(np.array([[np.nan, 0.5], [1.0, 0.25]], dtype=np.float32), "F").save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels = np.asarray(my_dataset.load_rgb(str(path)))[..., 0]
+    assert pixels.tolist() == [[0, 128], [255, 64]]
 
 
 @pytest.mark.parametrize("mode,key,other", [("RGB", (10, 20, 30), (200, 0, 0)), ("L", 7, 99)])
@@ -747,6 +790,21 @@ def test_hflip_true_flips_some():
     assert 0 < flips < 20
 
 
+def test_augmentation_does_not_depend_on_the_worker():
+    """The same (index, seed) gives the same crop whichever process loads it; another seed another."""
+    paths = [os.path.join(ROOT, "data", "digits", "3", sorted(os.listdir(os.path.join(ROOT, "data", "digits", "3")))[0])]
+    ds = my_dataset.MyDataSet(paths, [3], transform=transforms.build_transform(
+        train_script.VARIANTS["b0"], 32, train=True, scale=(0.08, 1.0)))
+    torch.manual_seed(1)
+    a = ds[(0, 123)][0]
+    torch.manual_seed(2)
+    b = ds[(0, 123)][0]
+    assert torch.equal(a, b) and not torch.equal(a, ds[(0, 124)][0])
+    state = torch.get_rng_state()
+    ds[(0, 5)]
+    assert torch.equal(state, torch.get_rng_state())  # the model's RNG (dropout) is left alone
+
+
 # ---------------------------------------------------------------------------------------------
 # 10. make_loader
 # ---------------------------------------------------------------------------------------------
@@ -797,35 +855,8 @@ def test_make_loader_pin_memory_only_for_cuda(ten_images):
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. class_indices.json and the distribution plot
+# 11. the class-distribution plot
 # ---------------------------------------------------------------------------------------------
-
-FLOWERS = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
-
-
-def test_class_indices_round_trip_in_tutorial_format(tmp_path):
-    """class_indices.json is {"0": "daisy", ...} exactly as the tutorial writes it, and reads back."""
-    path = tmp_path / "class_indices.json"
-    write_class_indices(str(path), FLOWERS)
-    tutorial = json.dumps(dict((val, key) for key, val in {c: i for i, c in enumerate(FLOWERS)}.items()), indent=4)
-    assert path.read_text(encoding="utf-8") == tutorial
-    assert json.loads(path.read_text()) == {"0": "daisy", "1": "dandelion", "2": "roses", "3": "sunflowers",
-                                            "4": "tulips"}
-    assert read_class_indices(str(path)) == FLOWERS
-    # a file written by the tutorial itself reads too
-    (tmp_path / "tut.json").write_text(tutorial)
-    assert read_class_indices(str(tmp_path / "tut.json")) == FLOWERS
-
-
-@pytest.mark.parametrize("text", ["not json", '{"1": "a", "2": "b"}', None])
-def test_read_class_indices_bad_file_raises(tmp_path, text):
-    """A missing, non-JSON or badly numbered class_indices.json is a DataError naming the file."""
-    path = tmp_path / "class_indices.json"
-    if text is not None:
-        path.write_text(text)
-    with pytest.raises(DataError, match="class_indices.json"):
-        read_class_indices(str(path))
-
 
 def test_plot_class_distribution_writes_png(tmp_path):
     """plot_class_distribution writes a valid PNG larger than 100x100."""
@@ -839,3 +870,169 @@ def test_plot_class_distribution_writes_png(tmp_path):
         assert img.size[0] > 100 and img.size[1] > 100
         img.verify()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # no temporary file left
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. links, FIFOs, stray files, odd names and messy folders
+# ---------------------------------------------------------------------------------------------
+
+def test_symlink_loops_and_shared_files_count_each_real_file_once(tmp_path, capsys):
+    """Links back up the tree (self -> ., up -> .., top -> ../..), a class folder linked from
+    outside, links to another class's folder, sub-folder and file in either sorting order, and two
+    links to one outside file: every real file is counted once, in the class whose folder holds
+    it, in train or val but never both; each link left out is named."""
+    root = tmp_path / "data"
+    make_class(root / "a", 6)
+    make_class(root / "b", 4, value=5)
+    make_class(root / "b" / "sub", 2, value=3)
+    make_class(tmp_path / "elsewhere", 6, value=7)
+    png(tmp_path / "outside.png")
+    os.symlink(".", root / "a" / "self")
+    os.symlink("..", root / "a" / "up")
+    os.symlink("../..", root / "b" / "top")
+    os.symlink("../b/sub", root / "a" / "into_b")  # "a" is walked first: b's images stay b's
+    os.symlink("../b/0.png", root / "a" / "b_file.png")
+    os.symlink("../a", root / "b" / "to_a")
+    os.symlink("../a/0.png", root / "b" / "zz_link.png")
+    os.symlink(tmp_path / "elsewhere", root / "c")  # users link class folders in: that is a class
+    for name in ("x.png", "y.png"):
+        os.symlink(tmp_path / "outside.png", root / "a" / name)
+    split = utils.read_split_data(str(root), 0.5, seed=0)
+    assert split.classes == ["a", "b", "c"]
+    images = split.train_images + split.val_images
+    reals = [os.path.realpath(p) for p in images]
+    assert len(images) == 19 and len(set(reals)) == 19  # 6 + 6 + 6 + outside.png once
+    assert not {os.path.realpath(p) for p in split.train_images} & {os.path.realpath(p) for p in split.val_images}
+    base = os.path.realpath(tmp_path)
+    owner = {"data/a": 0, "outside.png": 0, "data/b": 1, "elsewhere": 2}  # where each real file lies
+    for real, label in zip(reals, split.train_labels + split.val_labels):
+        place = os.path.relpath(real, base)
+        assert label == next(v for k, v in owner.items() if place.startswith(k)), (place, label)
+    left_out = {os.path.basename(p): why for p, why in split.broken}
+    assert set(left_out) == {"up", "top", "into_b", "b_file.png", "to_a", "zz_link.png", "y.png"}
+    assert "class folder 'b'" in left_out["into_b"] and "class folder 'a'" in left_out["zz_link.png"]
+    assert "back up" in left_out["up"] and "the same file as" in left_out["y.png"]
+    assert "left out" in capsys.readouterr().err
+
+
+def test_hard_links_to_one_file_count_once(tmp_path):
+    """Two hard links to one image in a class (as copies made with cp -l are): one image, the other
+    named; symbolic links were counted once already."""
+    root = tmp_path / "data"
+    make_class(root / "a", 3)
+    make_class(root / "b", 3, value=9)
+    os.link(root / "a" / "0.png", root / "a" / "z.png")
+    os.link(root / "a" / "1.png", root / "b" / "z.png")  # in another class: the first class keeps it
+    split = utils.read_split_data(str(root), 0.3, seed=0)
+    images = split.train_images + split.val_images
+    assert len(images) == 6 and not any(p.endswith("z.png") for p in images)
+    why = dict(split.broken)
+    assert why[str(root / "a" / "z.png")] == f"the same file as {root / 'a' / '0.png'}; counted once"
+    assert str(root / "b" / "z.png") in why
+
+
+def test_fifo_named_like_an_image_is_never_opened(tmp_path):
+    """A FIFO called photo.jpg beside a good image: training's scan names it and goes on, predict.py
+    predicts the good image and names the FIFO (in a folder and on the command line); nothing hangs."""
+    data = tmp_path / "data"
+    make_class(data / "a", 3)
+    make_class(data / "b", 3, value=9)
+    os.mkfifo(data / "a" / "photo.jpg")
+    split = utils.read_split_data(str(data), 0.3, seed=0)
+    assert len(split.train_images + split.val_images) == 6
+    assert split.broken[0][0] == str(data / "a" / "photo.jpg") and "not a regular file" in split.broken[0][1]
+
+    weights = tmp_path / "w.pth"
+    torch.save(train_script.create_model("b0", 2).state_dict(), weights)
+    for target in (data / "a", data / "a" / "photo.jpg"):
+        result = run_script("predict.py", target, "--weights", weights, "--workers", "0", check=False, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "photo.jpg: error: not a regular file" in result.stderr
+        assert ("0.png:" in result.stdout) == (target == data / "a")
+
+
+def test_images_beside_the_class_folders_are_named(tmp_path, capsys):
+    root = tmp_path / "data"
+    make_class(root / "a", 3)
+    make_class(root / "b", 3, value=9)
+    png(root / "stray1.png")
+    png(root / "STRAY2.PNG")
+    split = utils.read_split_data(str(root), 0.3, seed=0)
+    assert len(split.train_images + split.val_images) == 6
+    err = capsys.readouterr().err
+    assert err.count(f"2 image file(s) directly in {root} are not in a class folder; left out") == 1
+
+
+def test_extreme_aspect_ratio_is_refused_before_decoding(tmp_path):
+    """A 101-byte 20000x1 PNG would become a 5-gigapixel image in evaluation's resize: the scan and
+    predict.py name it, quickly, without decoding it."""
+    thin = png(tmp_path / "data" / "a" / "thin.png", size=(20000, 1))
+    assert os.path.getsize(thin) < 200
+    make_class(tmp_path / "data" / "a", 2)
+    make_class(tmp_path / "data" / "b", 2)
+    assert "aspect ratio" in utils.check_image(thin)
+    weights = tmp_path / "w.pth"
+    torch.save(train_script.create_model("b0", 2).state_dict(), weights)
+    started = time.time()
+    result = run_script("predict.py", thin, "--weights", weights, check=False, timeout=120)
+    assert result.returncode == 1 and "aspect ratio over 50:1" in result.stderr
+    assert time.time() - started < 60
+    assert utils.check_image(png(tmp_path / "panorama.png", size=(1200, 100))) is None  # 12:1 is fine
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    """A class folder and a file whose names are not UTF-8: training splits and trains, predict.py
+    prints, writes CSV (the names' bytes as on disk) and JSON (valid, escaped)."""
+    data = tmp_path / "data"
+    latin1 = os.fsdecode(b"caf\xe9")  # 'café' in Latin-1: not UTF-8
+    copy_digits(data, classes=("0", "1"), per_class=6)
+    copy_digits(data / "x", classes=("2",), per_class=6)
+    os.rename(data / "x" / "2", data / latin1)
+    os.rename(data / "1" / "0001.png", data / "1" / os.fsdecode(b"\xff\xfe.png"))
+    out = tmp_path / "run"
+    result = train("--data-path", data, "--output-dir", out, *FAST, "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert torch.load(out / "best.pth", weights_only=True)["meta"]["classes"][2] == latin1
+
+    csv_path = tmp_path / "p.csv"
+    result = run_script("predict.py", data, "--weights", out / "best.pth", "--csv", csv_path)
+    assert "Traceback" not in result.stderr and result.stdout.count("\n") == 18
+    assert b"caf\xe9" in csv_path.read_bytes() and b"\xff\xfe.png" in csv_path.read_bytes()
+    lines = run_script("predict.py", data, "--weights", out / "best.pth", "--json").stdout.splitlines()
+    paths = [json.loads(line)["path"] for line in lines]
+    assert sum(p.startswith(str(data / latin1)) for p in paths) == 6
+    assert all(os.path.isfile(p) for p in paths)  # the escaped names decode to the files on disk
+
+
+def test_messy_folder_still_trains(tmp_path):
+    """Empty class folders, a class with one image, broken files of every kind, odd image modes,
+    EXIF rotation, unicode and spaces: the run finishes and lists what it left out."""
+    data = tmp_path / "messy data"
+    copy_digits(data, classes=("0", "1"), per_class=6)
+    (data / "empty class").mkdir()
+    (data / "solo").mkdir()
+    shutil.copy(os.path.join(ROOT, "data", "digits", "2", "0002.png"), data / "solo" / "only one.png")
+    uni = data / "café au lait"
+    uni.mkdir()
+    base = Image.open(os.path.join(ROOT, "data", "digits", "3", "0003.png")).convert("RGB").resize((40, 30))
+    base.convert("CMYK").save(uni / "cmyk ünï.jpg")
+    Image.fromarray((torch.arange(40 * 30).reshape(30, 40) * 50).numpy().astype("uint16")).save(uni / "grey16.png")
+    pal = base.convert("P")
+    pal.info["transparency"] = 0
+    pal.save(uni / "palette+alpha.png", transparency=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.save(uni / "rotated.jpg", exif=exif)
+    base.save(uni / "plain.JPG")
+    (data / "0" / "zero.jpg").write_bytes(b"")
+    (data / "0" / "notes.png").write_text("not an image")
+    full = (uni / "plain.JPG").read_bytes()
+    (data / "1" / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (data / "1" / ".DS_Store").write_bytes(b"\0\0")
+    result = train("--data-path", data, "--output-dir", tmp_path / "run", *FAST, "--epochs", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "empty class" in result.stderr and "skipped" in result.stderr
+    assert "3 file(s) could not be used" in result.stderr
+    assert all(name in result.stderr for name in ("zero.jpg", "notes.png", "truncated.jpg"))
+    best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)
+    assert best["meta"]["classes"] == ["0", "1", "café au lait", "solo"]

@@ -75,3 +75,34 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert "5 validation images" in single.stdout
     assert f"top-1 {best['val_top1']:.4f}" in single.stdout
     assert best["val_top1"] * 5 == round(best["val_top1"] * 5)  # a whole number of the 5 images
+
+
+# ---- --patience under torchrun ----------------------------------------------------------------
+
+# every rank gets the same scripted figures: the rule must stop all of them after the same epoch
+SCRIPTED_UNDER_TORCHRUN = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import torch, utils, train
+    evaluate, calls = utils.evaluate, []
+    def scripted(*args, **kwargs):
+        calls.append(1)
+        return dict(evaluate(*args, **kwargs), val_top1=0.5, val_loss=float(len(calls)))
+    utils.evaluate = scripted
+""") + TRAIN_MAIN_UNDER_TORCHRUN
+
+
+def test_patience_stops_every_torchrun_process_after_the_same_epoch(tmp_path):
+    """Two gloo processes: --patience 1 ends both after epoch 2 of 6 (a process going on alone
+    would wait for the other for ever), exit 0, one line from rank 0."""
+    data = copy_digits(tmp_path / "data", per_class=8)
+    script = tmp_path / "scripted_train.py"
+    script.write_text(SCRIPTED_UNDER_TORCHRUN.format(root=ROOT))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--data-path", data, "--output-dir", str(run), *FAST[:-1], "6", "--batch-size", "4", "--patience", "1",
+           "--device", "cpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("stopping early after epoch 2 of 6") == 1
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2

@@ -1,12 +1,17 @@
 """export.py: torch.export (.pt2) and ONNX files that give the eager model's outputs, their
-sidecar, predict.py on them, docs/deploy.md's onnxruntime example, and bad input."""
+sidecar, predict.py on them, docs/deploy.md's onnxruntime example, bad input, and exported files
+from someone else (code that would run on loading, a sidecar that does not fit)."""
+import hashlib
 import importlib.util
+import io
 import json
 import multiprocessing
+import operator
 import os
 import re
 import subprocess
 import sys
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -14,10 +19,11 @@ import torch
 
 import export
 import exported
-from conftest import ROOT, run_script
+import exported as exported_files
+from conftest import ROOT, randomise, run_script
+from errors import WeightsError
 from inference import fuse_bn
 from model import create_model
-from test_model import randomise
 
 
 def onnx_or_skip(fmt):
@@ -146,3 +152,179 @@ def test_onnx_without_its_packages_says_what_to_install(monkeypatch, capsys, tra
     err = capsys.readouterr().err
     assert "pip install -r requirements-export.txt" in err and "--format pt2" in err
     assert not os.path.exists(run / "best.onnx")
+
+
+# ---- exported files from someone else: code run on loading, the batch, the sidecar ------------
+
+def rewrite_pt2(src, dst, change):
+    """A copy of the .pt2 `src` at `dst` with its entries ({name in the archive: bytes}) changed by
+    `change`, and its sidecar with the sha256 of the copy: whoever ships a file ships its .json."""
+    with zipfile.ZipFile(src) as z:
+        names = z.namelist()
+        prefix = names[0].split("/")[0] + "/"
+        entries = {name[len(prefix):]: z.read(name) for name in names}
+    change(entries)
+    dst = str(dst)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            z.writestr(prefix + name, data)
+    with open(dst, "wb") as f:
+        f.write(buffer.getvalue())
+    with open(src + ".json") as f:
+        side = json.load(f)
+    side["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    with open(dst + ".json", "w") as f:
+        json.dump(side, f)
+    return dst
+
+
+class CreatesFile:
+    """Unpickled, creates the file `path` (any code could run here)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+class Payload:
+    """Unpickled, creates `path` and then stands for `value`: the load goes on as if nothing happened."""
+
+    def __init__(self, path, value):
+        self.path, self.value = path, value
+
+    def __reduce__(self):
+        return operator.getitem, ((CreatesFile(self.path), self.value), 1)
+
+
+def pickled(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def pickled_weight(marker):
+    """A change for rewrite_pt2: the first weight stored as a pickle (use_pickle) that creates `marker`."""
+    def change(entries):
+        config = json.loads(entries["data/weights/model_weights_config.json"])
+        fqn, entry = next(iter(config["config"].items()))
+        entry["use_pickle"] = True
+        sizes = [size["as_int"] for size in entry["tensor_meta"]["sizes"]]
+        raw = bytearray(entries["data/weights/" + entry["path_name"]])
+        weight = torch.frombuffer(raw, dtype=torch.float32)[:torch.Size(sizes).numel()].reshape(sizes).clone()
+        entries["data/weights/" + entry["path_name"]] = pickled(Payload(marker, torch.nn.Parameter(weight, False)))
+        entries["data/weights/model_weights_config.json"] = json.dumps(config).encode()
+    return change
+
+
+def test_a_pt2_with_a_pickled_weight_is_refused_before_it_runs_code(exported, tmp_path):
+    """Before: the pickle ran (the marker file appeared) and predict.py printed its results, exit 0."""
+    path, images = exported
+    marker = tmp_path / "marker"
+    evil = rewrite_pt2(path, tmp_path / "evil.pt2", pickled_weight(str(marker)))
+    result = run_script("predict.py", images, "--weights", evil, check=False)
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "refusing to load" in result.stderr and "pickle" in result.stderr
+    assert not marker.exists()
+
+
+def sample_inputs_that_run_code(marker):
+    def change(entries):
+        entries["data/sample_inputs/model.pt"] = pickled(Payload(marker, ((torch.zeros(2, 3, 32, 32),), {})))
+    return change
+
+
+def guard_code(marker):
+    def change(entries):
+        program = json.loads(entries["models/model.json"])
+        program["guards_code"] = [f"open({marker!r}, 'w') is not None"]
+        entries["models/model.json"] = json.dumps(program).encode()
+    return change
+
+
+def size_expression(marker):
+    def change(entries):
+        text = entries["models/model.json"].decode()
+        symbol = text[text.index("Symbol('"):text.index(")", text.index("Symbol('")) + 1]
+        entries["models/model.json"] = text.replace(symbol, f"{symbol} + 0*len(str(open({marker!r}, 'w')))",
+                                                    1).encode()
+    return change
+
+
+@pytest.mark.parametrize("change", [sample_inputs_that_run_code, guard_code, size_expression])
+def test_every_way_a_pt2_runs_code_on_loading_is_refused(exported, tmp_path, change):
+    """torch.export.load unpickles sample inputs that weights_only refuses, compiles the stored guard
+    code and evaluates each size expression with sympy. Before: each created the marker file."""
+    path, _ = exported
+    marker = tmp_path / "marker"
+    evil = rewrite_pt2(path, tmp_path / "evil.pt2", change(str(marker)))
+    with pytest.raises(WeightsError, match="refusing to load"):
+        exported_files.ExportedModel(evil, True, torch.device("cpu"))
+    assert not marker.exists()
+
+
+def test_an_exported_model_takes_any_batch(exported, tmp_path):
+    """export.py sets no upper bound on the batch; a .pt2 from before, which had one (4,096), is
+    called with batches no larger. Before: the bound was 4,096 and a larger batch failed with
+    "Guard failed"."""
+    path, _ = exported
+    with open(path, "rb") as f:
+        assert exported_files.check_pt2(f.read(), path) == ([None, 3, 32, 32], [None, 3], None)
+
+    def bound_of_2(entries):
+        program = json.loads(entries["models/model.json"])
+        (limits,) = program["range_constraints"].values()
+        limits["max_val"] = 2
+        entries["models/model.json"] = json.dumps(program).encode()
+
+    bounded = exported_files.ExportedModel(rewrite_pt2(path, tmp_path / "old.pt2", bound_of_2), True, torch.device("cpu"))
+    x = torch.randn(5, 3, 32, 32)
+    expected = exported_files.ExportedModel(path, True, torch.device("cpu"))(x)
+    assert torch.allclose(bounded(x), expected, atol=1e-5)
+
+
+def test_the_sidecar_must_describe_the_model(exported, tmp_path):
+    """A sidecar that names 2 or 5 classes (and says so in output.shape) for a model with 3
+    outputs. Before: 2 names was an IndexError traceback, 5 a silent mislabel."""
+    path, _ = exported
+    for names in (["a", "b"], ["a", "b", "c", "d", "e"]):
+        copy = rewrite_pt2(path, tmp_path / "m.pt2", lambda entries: None)
+        with open(copy + ".json") as f:
+            side = json.load(f)
+        side["classes"], side["output"]["shape"] = names, ["batch", len(names)]
+        with open(copy + ".json", "w") as f:
+            json.dump(side, f)
+        with pytest.raises(WeightsError, match=r"gives \[None, 3\]"):
+            exported_files.load_exported(copy, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda side: [side], '"the file" must be a JSON object'),
+    (lambda side: {k: v for k, v in side.items() if k != "variant"}, '"variant" must be'),
+    (lambda side: dict(side, variant="b9"), '"variant" must be'),
+    (lambda side: dict(side, classes="abc"), '"classes" must be'),
+    (lambda side: dict(side, classes=["a", "b"]), '"output.shape" must be'),
+    (lambda side: dict(side, std=[0, 0, 0]), '"std" must be 3 numbers above 0'),
+    (lambda side: dict(side, resize=60000), '"resize" must be'),
+])
+def test_sidecar_fields_are_checked(exported, tmp_path, change, words):
+    """Each field a mislabel, a traceback, NaN or a huge allocation would come from (these checks
+    were in place; this keeps them)."""
+    path, _ = exported
+    with open(path + ".json") as f:
+        side = change(json.load(f))
+    (tmp_path / "m.pt2").write_bytes(b"")
+    (tmp_path / "m.pt2.json").write_text(json.dumps(side))
+    with pytest.raises(WeightsError, match=words):
+        exported_files.read_sidecar(str(tmp_path / "m.pt2"))
+
+
+def test_a_class_name_that_is_not_utf8_round_trips_through_the_sidecar(tmp_path):
+    """Before: the sidecar held the raw byte, was not UTF-8, and predict.py refused it."""
+    names = ["caf\udce9", "ok"]  # a folder named b"caf\xe9": Latin-1 on a UTF-8 system
+    (tmp_path / "m.onnx").write_bytes(b"model")
+    exported_files.write_sidecar(str(tmp_path / "m.onnx"), {"variant": "b0"}, names, 256, 224, "onnx", False, 18)
+    (tmp_path / "m.onnx.json").read_bytes().decode("utf-8")
+    assert exported_files.read_sidecar(str(tmp_path / "m.onnx"))["classes"] == names

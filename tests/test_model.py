@@ -24,6 +24,7 @@ from inference import CPUInference, fuse_bn  # noqa: E402
 from errors import WeightsError  # noqa: E402
 from model import VARIANTS, MBConv, create_model, efficientnet, make_divisible  # noqa: E402
 from weight_files import load_weights, read_weights  # noqa: E402
+from conftest import randomise  # noqa: E402
 
 NAMES = list(VARIANTS)  # b0 .. b7
 PARAMS = {"b0": 5_288_548, "b1": 7_794_184, "b2": 9_109_994, "b3": 12_233_232,
@@ -41,27 +42,6 @@ TOL = 1e-4
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-def randomise(model, seed=0):
-    """Random conv/linear weights and biases, and random BatchNorm statistics and affine terms.
-    Running variances are log-uniform in [1e-3, 1] so that using the wrong eps shows clearly."""
-    g = torch.Generator().manual_seed(seed)
-    uniform = lambda n, lo, hi: torch.rand(n, generator=g) * (hi - lo) + lo  # noqa: E731
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / fan_in))
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            elif isinstance(m, nn.BatchNorm2d):
-                var = 10 ** uniform(m.num_features, -3, 0)
-                m.running_var.copy_(var)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.weight.copy_(var.sqrt() * uniform(m.num_features, 0.5, 1.5))
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
 
 def image(seed=0):
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))

@@ -1,4 +1,6 @@
-"""predict.py as a user runs it: on train.py's checkpoints and on raw torchvision / tutorial files."""
+"""predict.py as a user runs it: on train.py's checkpoints and on raw torchvision / tutorial files,
+with --tta and --cam, over folders and globs, and with names that would drive the terminal."""
+import csv
 import json
 import os
 import shutil
@@ -10,9 +12,16 @@ import torch
 import torchvision
 from PIL import Image
 
+import checkpoint
+import cli
 import model as M
+import model_files
+import predict
+import reports
 import utils
-from conftest import run_script, sigterm_then_kill_workers
+from conftest import copy_digits, run_script, sigterm_then_kill_workers
+from inference import fuse_bn
+from model import create_model
 
 PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
 
@@ -219,3 +228,171 @@ def test_a_worker_dying_after_the_signal_does_not_change_the_stop(trained):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+
+
+# ---- last.pth, folders, globs and the plot ----------------------------------------------------
+
+def test_predicting_from_last_pth_uses_its_averaged_weights(tiny_run):
+    """last.pth holds the raw training weights and the EMA that validation scored; predict.py takes
+    the EMA (the weights best.pth saves), not the raw ones."""
+    _, run, _ = tiny_run
+    ckpt = torch.load(run / "last.pth", weights_only=True)
+    model, info, _, _ = model_files.load_model(run / "last.pth")
+    assert info["ema"] is True
+    x = torch.randn(2, 3, 32, 32)
+
+    def logits(state):
+        m = create_model("b0", 3)
+        m.load_state_dict(state)
+        return fuse_bn(m)(x)
+
+    ema = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    with torch.inference_mode():
+        got = model(x.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(got, logits(ema), rtol=1e-4, atol=1e-3)
+        assert not torch.allclose(got, logits(ckpt["model"]), rtol=1e-2, atol=1e-2)
+    _, best_info, _, _ = model_files.load_model(run / "best.pth")
+    assert best_info["ema"] is False
+
+
+def test_predict_on_a_folder_without_images_says_so(tmp_path):
+    import predict
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    paths, problems = predict.expand_paths([str(tmp_path / "empty"), str(tmp_path / "gone")])
+    assert paths == []
+    assert problems[0][0] == str(tmp_path / "empty") and problems[0][1].startswith("no images in this folder")
+    assert ".jpg" in problems[0][1] and ".png" in problems[0][1]
+    assert problems[1] == (str(tmp_path / "gone"), "no such file")
+
+
+def test_a_glob_that_matches_folders_searches_them(tmp_path):
+    """Before: "data/digits/[01]" said "no file matches"."""
+    copy_digits(tmp_path, classes=("0", "1", "2"), per_class=2)
+    paths, problems = predict.expand_paths([str(tmp_path / "[01]")])
+    assert problems == [] and sorted(os.path.basename(os.path.dirname(p)) for p in paths) == ["0", "0", "1", "1"]
+
+
+def test_plot_limit_has_a_ceiling(capsys):
+    """Before: --plot-limit 2400 drew for minutes into a PNG 53,438 px tall."""
+    parser = predict.get_args_parser()
+    predict.check_args(parser, parser.parse_args(["x", "--plot-limit", "256"]))
+    with pytest.raises(SystemExit) as exit:
+        predict.check_args(parser, parser.parse_args(["x", "--plot-limit", "2400"]))
+    assert exit.value.code == 2 and "--plot-limit is at most 256 (got 2400)" in capsys.readouterr().err
+
+
+# ---- test-time augmentation and Grad-CAM ------------------------------------------------------
+
+def test_tta_is_the_mean_over_the_image_and_its_mirror(tiny_run, tmp_path):
+    """predict.py --tta gives the mean of the probabilities of the image as the model sees it and of
+    its mirror image, and is left off, with a note, for a model trained with --no-hflip."""
+    data, run, _ = tiny_run
+    source = os.path.join(data, "2", sorted(os.listdir(os.path.join(data, "2")))[0])
+    image = Image.open(source).convert("RGB").resize((48, 40))
+    image.save(tmp_path / "a.png")
+    model, _, transform, _ = model_files.load_model(run / "best.pth")
+    x = transform(image)[None]
+    with torch.no_grad():
+        expected = ((model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2)[0]
+        plain = model(x).softmax(1)[0]
+    out = run_script("predict.py", tmp_path / "a.png", "--weights", run / "best.pth", "--topk", "3", "--json", "--tta")
+    got = {t["index"]: t["prob"] for t in json.loads(out.stdout)["topk"]}
+    assert got == pytest.approx({c: expected[c].item() for c in range(3)}, abs=1e-4)
+    assert (plain - expected).abs().max() > 1e-3  # the mirror made a difference
+
+    ckpt = torch.load(run / "best.pth", weights_only=True)
+    ckpt["meta"]["args"]["no_hflip"] = True
+    checkpoint.save(ckpt, tmp_path / "no_hflip.pth")
+    result = run_script("predict.py", tmp_path / "a.png", "--weights", tmp_path / "no_hflip.pth", "--tta")
+    assert "--tta left off" in result.stderr and "--no-hflip" in result.stderr
+
+
+class BrightnessNet(torch.nn.Module):
+    """A network whose answer is known: class 0's logit is the mean brightness of the image, class
+    1's its negative. features[-1] is the map Grad-CAM reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1), torch.nn.ReLU())
+        self.head = torch.nn.Linear(1, 2)
+        with torch.no_grad():
+            self.features[0].weight.fill_(1 / 3)
+            self.features[0].bias.zero_()
+            self.head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_grad_cam_finds_the_bright_square():
+    """The map of the class that looks for brightness peaks inside the bright square and is zero
+    far from it; the class that brightness argues against gets no positive evidence anywhere."""
+    x = torch.zeros(1, 3, 40, 40)
+    x[:, :, 5:15, 22:34] = 1.0
+    cam, logits, target = predict.grad_cam(BrightnessNet(), x)
+    assert target == 0 and logits[0] > logits[1]
+    peak = divmod(int(cam.argmax()), cam.shape[1])
+    assert 5 <= peak[0] < 15 and 22 <= peak[1] < 34
+    assert cam.max() == 1 and cam[30:, :20].abs().max() == 0
+    against, _, target = predict.grad_cam(BrightnessNet(), x, target=1)
+    assert target == 1 and against.abs().max() == 0
+
+
+def test_cam_maps_for_a_torchvision_file_and_for_a_named_class(tiny_run, tmp_path):
+    """--cam writes one PNG per image (ImageNet names for torchvision's own file), images with the
+    same file name in two folders each get their own; --cam-class draws another class's map;
+    an unknown class or a file in place of the folder is one line and exit 2."""
+    data, run, _ = tiny_run
+    torch.manual_seed(0)
+    torch.save(torchvision.models.efficientnet_b0().state_dict(), tmp_path / "b0.pth")
+    first = os.path.join(data, "0", sorted(os.listdir(os.path.join(data, "0")))[0])
+    same_name = tmp_path / "other" / os.path.basename(first)
+    same_name.parent.mkdir()
+    Image.open(first).convert("RGB").rotate(90).save(same_name)
+    result = run_script("predict.py", first, same_name, "--weights", tmp_path / "b0.pth", "--cam", tmp_path / "cams")
+    stem = os.path.splitext(os.path.basename(first))[0]
+    assert sorted(os.listdir(tmp_path / "cams")) == [f"{stem}_cam-2.png", f"{stem}_cam.png"]
+    assert "2 class-activation maps to" in result.stderr
+    with Image.open(tmp_path / "cams" / f"{stem}_cam.png") as img:
+        assert img.format == "PNG" and img.width > 400
+
+    result = run_script("predict.py", first, "--weights", run / "best.pth", "--cam", tmp_path / "named",
+                        "--cam-class", "2")
+    assert os.listdir(tmp_path / "named") == [f"{stem}_cam.png"]
+    for flags, words in ((["--cam", tmp_path / "named", "--cam-class", "twelve"], "--cam-class twelve is not a class"),
+                         (["--cam", tmp_path / "b0.pth"], "is a file")):
+        bad = run_script("predict.py", first, "--weights", run / "best.pth", *flags, check=False)
+        assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+# ---- names on the terminal and in CSV -----------------------------------------------------------
+
+def test_control_characters_in_names_are_escaped_on_the_terminal():
+    """A file name that would retitle the terminal and print a fake result line of its own, a
+    class name with a carriage return. Before: printed raw."""
+    assert cli.printable("a\x1b[2Jb\nc\rd\x85e\x7f\udcff") == "a\\x1b[2Jb\\nc\\rd\\x85e\\x7f\\xff"
+    lines = []
+
+    def say(text, file=None):
+        lines.append(text)
+
+    args = predict.get_args_parser().parse_args(["x", "--weights", "w"])
+    predict.show({"path": "x\x1b]0;owned\x07.png\nfake.png: cat (1.000)",
+                  "topk": [{"index": 0, "class": "dog\r", "prob": 0.9}]}, args, say)
+    predict.show({"path": "y\n.png", "error": "cannot read image: y\n.png"}, args, say)
+    assert lines == ["x\\x1b]0;owned\\x07.png\\nfake.png: cat (1.000): dog\\r (0.900)",
+                     "y\\n.png: error: cannot read image: y\\n.png"]
+    args = predict.get_args_parser().parse_args(["x", "--weights", "w", "--json"])
+    predict.show({"path": "x\n.png", "topk": [{"index": 0, "class": "dog\r", "prob": 0.9}]}, args, say)
+    assert json.loads(lines[-1])["path"] == "x\n.png"  # --json keeps the exact name
+
+
+def test_a_carriage_return_in_a_name_is_quoted_in_csv(tmp_path):
+    """Before: "a\\rb" went out unquoted and readers saw two rows."""
+    row = predict.csv_row({"path": "a\rb.png", "topk": [{"class": "c\rd", "prob": 0.5}]}, 1)
+    (tmp_path / "p.csv").write_text(predict.csv_header(1) + row, newline="")
+    with open(tmp_path / "p.csv", newline="") as f:
+        assert list(csv.reader(f))[1:] == [["a\rb.png", "c\rd", "0.5", ""]]
+    assert reports.csv_field("x\ry") == '"x\ry"'

@@ -182,6 +182,13 @@ def test_names(cache, tmp_path, monkeypatch):
     assert pretrained.resolve(str(own), "b0") == str(own) and pretrained.resolve(None, "b0") is None
 
 
+def test_a_missing_torchvision_file_points_to_the_download_by_name(tmp_path):
+    with pytest.raises(WeightsError, match="--weights imagenet --model b3 downloads it"):
+        pretrained.resolve(str(tmp_path / "efficientnet_b3_rwightman-b3899882.pth"), "b0")
+    with pytest.raises(WeightsError, match="check the --weights path"):
+        pretrained.resolve(str(tmp_path / "mine.pth"), "b0")
+
+
 def test_two_downloads_at_once(cache, payload, monkeypatch):
     """Two downloads that overlap (the server answers neither until both asked) each land a whole
     file: the cache holds the right bytes and nothing else."""

@@ -1,22 +1,19 @@
-"""train.py as a user runs it: a subprocess on a tiny real folder of digit images at 32 px."""
-import csv
+"""train.py as a user runs it, on a tiny real folder of digit images at 32 px: its outputs, which
+epoch best.pth holds, --patience, TensorBoard, and what it says when the model learns nothing."""
+import importlib.util
 import json
-import os
+import re
 
 import pytest
 import torch
 import torchvision
 from PIL import Image
 
-from conftest import FAST, run_script
-
-import checkpoint
+import reports
+import train as train_script
+import utils
 import weight_files
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+from conftest import FAST, check_predictions, metrics, read_csv, run_main, run_script
 
 
 def test_run_writes_consistent_outputs(tiny_data, tmp_path):
@@ -30,8 +27,12 @@ def test_run_writes_consistent_outputs(tiny_data, tmp_path):
     rows = read_csv(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert list(rows[0]) == ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5",
-                             "epoch_seconds", "images_per_second", "data_wait"]
+                             "epoch_seconds", "data_time", "images_per_second", "data_wait"]
+    # the epoch line names the share of the epoch spent waiting for data, as metrics.csv keeps it
+    shares = re.findall(r"^epoch \d/2 .* img/s  data (\d+) %", result.stdout, re.M)
+    assert shares == [f"{100 * float(r['data_wait']):.0f}" for r in rows], result.stdout
     for r in rows:
+        assert 0 <= float(r["data_time"]) < float(r["epoch_seconds"])
         assert 0 <= float(r["val_top1"]) <= float(r["val_top5"]) <= 1
         assert float(r["val_top5"]) == 1.0  # 3 classes: top-5 is capped at top-3, always right
         assert float(r["images_per_second"]) > 0
@@ -52,35 +53,37 @@ def test_run_writes_consistent_outputs(tiny_data, tmp_path):
             assert img.format == "PNG" and img.width > 300
 
 
-def test_default_run_folders_never_overwrite(tiny_data, tmp_path):
-    """Without --output-dir each run gets weights/<model>-<data>, then -2; an existing
-    --output-dir is refused unless --exist-ok."""
-    for _ in range(2):
-        run_script("train.py", "--data-path", tiny_data, *FAST, "--epochs", "1", cwd=tmp_path)
-    assert (tmp_path / "weights" / "b0-tiny" / "best.pth").is_file()
-    assert (tmp_path / "weights" / "b0-tiny-2" / "best.pth").is_file()
-    before = (tmp_path / "weights" / "b0-tiny" / "best.pth").read_bytes()
-    refused = run_script("train.py", "--data-path", tiny_data, *FAST, "--output-dir", "weights/b0-tiny",
-                         cwd=tmp_path, check=False)
-    assert refused.returncode == 2
-    assert "--resume" in refused.stderr and "Traceback" not in refused.stderr
-    assert (tmp_path / "weights" / "b0-tiny" / "best.pth").read_bytes() == before
+def test_a_finished_run_leaves_no_lock_file_and_says_how_to_predict(tiny_run):
+    _, run, stdout = tiny_run
+    assert not (run / ".lock").exists()
+    assert f"predict with: python predict.py IMAGES --weights {run / 'best.pth'}" in stdout
 
 
-def test_resume_continues_without_repeating_epochs(tiny_data, tmp_path):
-    """--resume continues at the next epoch with the saved schedule; metrics hold each epoch once."""
+def test_training_ends_with_predictions_and_mistakes(tiny_run):
+    """predictions.csv holds the best epoch's prediction for every validation image (its accuracy is
+    best.pth's); mistakes.png shows the wrong ones, or the run says that there are none."""
+    _, run, stdout = tiny_run
+    best = torch.load(run / "best.pth", weights_only=True)
+    rows = read_csv(run / "predictions.csv")
+    check_predictions(rows, best["val_top1"])
+    if all(int(r["correct"]) for r in rows):
+        assert "no mistakes: all 6 validation images right" in stdout and not (run / "mistakes.png").exists()
+    else:
+        wrong = sum(not int(r["correct"]) for r in rows)
+        assert f"mistakes.png: all {wrong} wrong validation images" in stdout
+        with Image.open(run / "mistakes.png") as img:
+            assert img.format == "PNG" and img.width > 150
+    assert torch.load(run / "last.pth", weights_only=True)["best_predictions"]["index"].tolist() == list(range(6))
+
+
+def test_batch_size_1_trains_and_is_refused_where_batchnorm_cannot(tiny_data, tmp_path):
+    """--batch-size 1 makes one optimizer step per image (at 48 px the last feature maps are 2x2,
+    enough for BatchNorm); at 32 px they are 1x1 and the flag is refused up front."""
     out = tmp_path / "run"
-    run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--epochs", "1")
-    first = torch.load(out / "last.pth", weights_only=True)
-    result = run_script("train.py", "--resume", out / "last.pth", "--epochs", "3")
-    assert "resuming" in result.stdout and "epoch 2/3" in result.stdout and "epoch 1/3" not in result.stdout
-    rows = read_csv(out / "metrics.csv")
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert float(rows[0]["val_top1"]) == pytest.approx(first["history"][0]["val_top1"], abs=1e-6)
+    run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--img-size", "48",
+               "--batch-size", "1", "--epochs", "1")
     last = torch.load(out / "last.pth", weights_only=True)
-    assert last["epoch"] == 3 and last["meta"]["args"]["img_size"] == 32  # flags come from the run
-    # the schedule went on from step 3 (3 batches of 8 per epoch), not from zero
-    assert last["scheduler"]["last_epoch"] == 3 * 3
+    assert last["scheduler"]["last_epoch"] == 24  # 3 classes x 8 training images (32 px: see above)
 
 
 def test_finetune_from_torchvision_file_with_other_class_count(tiny_data, tmp_path):
@@ -107,22 +110,6 @@ def test_finetune_from_torchvision_file_with_other_class_count(tiny_data, tmp_pa
     assert not torch.equal(source["features.top.0.weight"], trained["features.top.0.weight"])
 
 
-def test_eval_only_reports_and_writes_only_its_predictions(tiny_data, tmp_path):
-    """--eval-only evaluates a checkpoint on the validation split; it writes predictions.csv and
-    mistakes.png into a new folder eval/ beside the weights (the run's own stay as they were),
-    nothing else, and no run folder."""
-    out = tmp_path / "run"
-    run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--epochs", "1")
-    best = torch.load(out / "best.pth", weights_only=True)
-    files = sorted(os.listdir(out))
-    own = (out / "predictions.csv").read_bytes()
-    result = run_script("train.py", "--data-path", tiny_data, *FAST, "--weights", out / "best.pth",
-                        "--eval-only", cwd=tmp_path)
-    assert f"top-1 {best['val_top1']:.4f}" in result.stdout
-    assert sorted(os.listdir(out)) == sorted(files + ["eval"]) and not (tmp_path / "weights").exists()
-    assert (out / "predictions.csv").read_bytes() == own and (out / "eval" / "predictions.csv").exists()
-
-
 def test_ema_weights_are_saved_and_resume(tiny_data, tmp_path):
     """With --ema the averaged weights are what best.pth holds; the average resumes too."""
     out = tmp_path / "ema"
@@ -136,50 +123,6 @@ def test_ema_weights_are_saved_and_resume(tiny_data, tmp_path):
     run_script("train.py", "--resume", out / "last.pth", "--epochs", "2")
     resumed = torch.load(out / "last.pth", weights_only=True)
     assert resumed["epoch"] == 2 and resumed["ema"]["n_averaged"] == 2 * last["ema"]["n_averaged"]
-
-
-def as_format_1(src, dest):
-    """A checkpoint as train.py wrote it before checkpoints had a format version: no
-    meta["format"], and no flag that was added since (--lean-activations, the recipe's options)."""
-    ckpt = torch.load(src, weights_only=True)
-    del ckpt["meta"]["format"]
-    for flag in ("lean_activations", "drop_path", "precise_bn", "dropout", "balance", "auto_augment", "ra_magnitude",
-                 "random_erase", "mixup_alpha", "cutmix_alpha"):
-        del ckpt["meta"]["args"][flag]
-    torch.save(ckpt, dest)
-
-
-def test_checkpoints_of_format_1_predict_and_resume(tiny_data, tmp_path):
-    """best.pth and last.pth written before the format field still predict exactly as before and
-    resume; the resumed run writes the current format with the new flags at their defaults. A
-    format newer than this code reads is refused by name."""
-    out, old = tmp_path / "run", tmp_path / "old"
-    run_script("train.py", "--data-path", tiny_data, "--output-dir", out, *FAST, "--epochs", "1")
-    old.mkdir()
-    for name in ("best.pth", "last.pth"):
-        as_format_1(out / name, old / name)
-    assert "format" not in torch.load(old / "last.pth", weights_only=True)["meta"]
-    images = os.path.join(tiny_data, "1")
-    expected = run_script("predict.py", images, "--weights", out / "best.pth", "--topk", "3").stdout
-    assert run_script("predict.py", images, "--weights", old / "best.pth", "--topk", "3").stdout == expected
-
-    result = run_script("train.py", "--resume", old / "last.pth", "--epochs", "2")
-    assert "resuming" in result.stdout and "epoch 2/2" in result.stdout
-    last = torch.load(old / "last.pth", weights_only=True)
-    assert last["epoch"] == 2 and last["meta"]["format"] == checkpoint.FORMAT
-    assert last["meta"]["args"]["lean_activations"] is True and last["meta"]["args"]["img_size"] == 32
-    # the old run had stochastic depth 0.2 and no precise BatchNorm: it goes on as it began
-    assert (last["meta"]["args"]["drop_path"], last["meta"]["args"]["precise_bn"]) == (0.2, 0)
-    assert last["meta"]["args"]["auto_augment"] is None and last["meta"]["args"]["mixup_alpha"] == 0
-    assert [int(r["epoch"]) for r in read_csv(old / "metrics.csv")] == [1, 2]  # from the history inside
-
-    # and a file from a newer version of the scripts is named as such, not misread
-    ckpt = torch.load(out / "best.pth", weights_only=True)
-    ckpt["meta"]["format"] = checkpoint.FORMAT + 1
-    torch.save(ckpt, tmp_path / "future.pth")
-    result = run_script("predict.py", tiny_data, "--weights", tmp_path / "future.pth", check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "future.pth" in result.stderr and "newer version" in result.stderr
 
 
 # ---- what a newcomer sees ---------------------------------------------------------------------
@@ -212,72 +155,131 @@ def test_a_run_that_learned_nothing_says_so(tiny_data, tmp_path):
     assert "--epochs" in last and "--weights" in last and "--lr" in last
 
 
-@pytest.mark.parametrize("script, argv, suggestion", [
-    ("train", ["--epoch", "3"], "--epochs"),
-    ("train", ["--img_size", "64"], "--img-size"),
-    ("predict", ["photo.jpg", "--weight", "x.pth"], "--weights"),
-    ("predict", ["photo.jpg", "--top-k", "3"], "--topk"),
-    ("train", ["--early-stopping", "5"], "--patience"),
-    ("train", ["--pretrained"], "--weights"),
-    ("train", ["--num_workers", "4"], "--workers"),
-])
-def test_typos_in_flags_are_not_taken_for_other_flags(script, argv, suggestion, capsys):
-    """No abbreviations (--epoch is not --epochs), and the close flag is suggested."""
-    import predict
-    import train
-    parser = {"train": train, "predict": predict}[script].get_args_parser()
-    with pytest.raises(SystemExit) as exit_:
-        parser.parse_args(argv)
-    assert exit_.value.code == 2
-    assert f"(did you mean {suggestion}?)" in capsys.readouterr().err
+def history(top1, top5):
+    return [{"epoch": e, "lr": 1e-3, "train_loss": 1.0, "val_loss": 0.5, "val_top1": a, "val_top5": b}
+            for e, (a, b) in enumerate(zip(top1, top5), 1)]
 
 
-def help_entries(text):
-    """{flag: its help text} from --help output."""
-    entries, flag = {}, None
-    for line in text.splitlines():
-        if line.startswith("  -"):
-            flag = line.split()[0].rstrip(",")
-            entries[flag] = line
-        elif flag and line.startswith("     "):
-            entries[flag] += " " + line.strip()
-        else:
-            flag = None
-    return entries
+def drawn_curves(monkeypatch, tmp_path, rows, num_classes):
+    """plot_curves' figure, kept instead of closed, and the PNG it wrote."""
+    figures = []
+    real = reports.save_figure
+    monkeypatch.setattr(reports, "save_figure", lambda fig, path: (figures.append(fig), real(fig, path)))
+    reports.plot_curves(rows, tmp_path / "curves.png", num_classes)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    return figures[0]
 
 
-def test_help_gives_each_default_once():
-    """Every flag's help names its default at most once, and the flags come in groups."""
-    import train
-    text = train.get_args_parser().format_help()
-    entries = help_entries(text)
-    assert len(entries) > 30
-    doubled = [flag for flag, entry in entries.items() if entry.count("default") > 1]
-    assert doubled == []
-    for flag in ("--img-size", "--lr", "--weight-decay", "--epochs"):
-        assert entries[flag].count("default") == 1, entries[flag]
-    assert all(group in text for group in ("data:", "model:", "optimisation:", "augmentation:", "run:"))
+def test_curves_show_top5_only_where_it_says_something_and_zoom_on_accuracy(monkeypatch, tmp_path):
+    fig = drawn_curves(monkeypatch, tmp_path, history([0.90, 0.95, 0.97], [1.0, 1.0, 1.0]), 10)
+    accuracy = fig.axes[1]
+    assert [line.get_label() for line in accuracy.lines if not line.get_label().startswith(("_", "best"))] == ["top-1"]
+    low, high = accuracy.get_ylim()
+    assert 0.8 <= low <= 0.88 and high > 0.97  # not 0 to 1: the part that matters fills the axis
+    assert "label-smoothed" in fig.axes[0].get_title()
+
+    fig = drawn_curves(monkeypatch, tmp_path, history([0.2, 0.5, 0.7], [0.6, 0.9, 0.99]), 10)
+    accuracy = fig.axes[1]
+    assert "top-5" in [line.get_label() for line in accuracy.lines]
+    assert accuracy.get_ylim()[0] <= 0.2
 
 
-def test_interrupt_before_any_epoch_finished_says_so(tiny_data, tmp_path):
-    from test_hostile import interrupted_in
+# ---- which epoch best.pth holds and when a run ends -------------------------------------------
+
+def scripted_validation(monkeypatch, figures):
+    """utils.evaluate gives epoch n the (top-1, loss) figures[n - 1], on its real confusion matrix
+    and predictions: the rule that picks best.pth sees exactly these."""
+    evaluate, calls = utils.evaluate, []
+
+    def scripted(*args, **kwargs):
+        top1, loss = figures[len(calls)]
+        calls.append(1)
+        return dict(evaluate(*args, **kwargs), val_top1=top1, val_loss=loss)
+    monkeypatch.setattr(utils, "evaluate", scripted)
+
+
+def test_among_epochs_of_equal_top1_best_pth_is_the_lowest_loss(tiny_data, tmp_path, monkeypatch, capsys):
+    """On a small validation set top-1 stays equal for epochs while the loss goes on falling:
+    best.pth is the highest top-1 and, among the epochs that reach it, the lowest val loss (epoch
+    3 here, not epoch 2 that reached it first, nor epoch 5 whose loss is lower but top-1 too), and
+    the run's last line says which epoch it holds and why."""
+    scripted_validation(monkeypatch, [(0.5, 0.5), (0.6, 0.9), (0.6, 0.7), (0.6, 0.8), (0.5, 0.1)])
     run = tmp_path / "run"
-    result = interrupted_in("utils.train_one_epoch", tmp_path, "--data-path", tiny_data, "--output-dir", run, *FAST)
-    assert result.returncode == 130 and "no epoch finished yet" in result.stderr
-    assert "holds epoch 0" not in result.stderr
-    result = run_script("train.py", "--resume", run / "last.pth", "--epochs", "1")
-    assert "at epoch 1 (no epoch had finished)" in result.stdout and "-1.0000" not in result.stdout
+    assert run_main("--data-path", tiny_data, "--output-dir", run, *FAST[:-1], "5") == 0
+    out = capsys.readouterr().out
+    best, last = (torch.load(run / name, weights_only=True) for name in ("best.pth", "last.pth"))
+    assert (best["epoch"], best["val_top1"], last["best_epoch"]) == (3, 0.6, 3)
+    assert f"{run / 'best.pth'} holds epoch 3: 3 epochs reached that top-1, and its val loss was the lowest of " \
+           "them (0.7000)" in out.splitlines()[-2]
 
 
-def test_usage_and_help_say_what_is_required_and_every_default():
-    """predict.py's usage shows --weights as required, as its help says; train.py's --weights says
-    that without it training starts from scratch, and a flag whose default is "none" says so."""
-    import predict
-    import train
-    assert " PATH [PATH ...] --weights FILE|imagenet [--topk N]" in predict.get_args_parser().format_usage()
-    entries = help_entries(train.get_args_parser().format_help())
-    assert "(default: none, training from scratch)" in entries["--weights"]
-    assert "(default: none)" in entries["--auto-augment"]
-    valued = [a.option_strings[0] for a in train.get_args_parser()._actions if a.option_strings and a.nargs != 0
-              and a.option_strings[0] != "--resume"]  # --resume [FILE]: without it, no resume
-    assert len(valued) > 30 and [flag for flag in valued if "default" not in entries[flag]] == []
+def test_the_only_epoch_at_the_best_top1_is_named(tiny_data, tmp_path, monkeypatch, capsys):
+    scripted_validation(monkeypatch, [(0.4, 0.5), (0.7, 0.9)])
+    run = tmp_path / "run"
+    assert run_main("--data-path", tiny_data, "--output-dir", run, *FAST) == 0
+    assert "done: best val top-1 0.7000; " + str(run / "best.pth") + " holds epoch 2, the one with that top-1" \
+        in capsys.readouterr().out
+
+
+def test_patience_stops_the_run_and_resume_goes_on_from_its_count(tiny_data, tmp_path, monkeypatch, capsys):
+    """--patience 2 with no better epoch after the first: the run ends after epoch 3 of 10 with
+    exit 0, a line naming the epoch, the best epoch and how to go on, and best.pth, last.pth and
+    metrics.csv agreeing. --resume with the same patience trains nothing and says why; with
+    --patience 3 it trains one epoch more (its count went on from 2, not from 0), then stops."""
+    scripted_validation(monkeypatch, [(0.5, 0.5 + epoch / 10) for epoch in range(10)])
+    run = tmp_path / "run"
+    assert run_main("--data-path", tiny_data, "--output-dir", run, *FAST[:-1], "10", "--patience", "2") == 0
+    out = capsys.readouterr().out
+    assert "stopping early after epoch 3 of 10: no better best.pth for 2 epochs (--patience 2; best.pth holds " \
+           f"epoch 1). To train on: python train.py --resume {run / 'last.pth'} --patience 4" in out
+    last = torch.load(run / "last.pth", weights_only=True)
+    assert (last["epoch"], last["best_epoch"], torch.load(run / "best.pth", weights_only=True)["epoch"]) == (3, 1, 1)
+    assert [int(r["epoch"]) for r in metrics(run)] == [1, 2, 3]
+
+    before = (run / "last.pth").read_bytes()
+    assert run_main("--resume", run / "last.pth") == 0
+    out = capsys.readouterr().out
+    assert f"{run / 'last.pth'} stopped early at epoch 3 of 10: no better best.pth for 2 epochs (--patience 2; " \
+           "best.pth holds epoch 1). To train on: " in out and "--patience M, with M more than 2" in out
+    assert (run / "last.pth").read_bytes() == before
+
+    assert run_main("--resume", run / "last.pth", "--patience", "3") == 0
+    assert "stopping early after epoch 4 of 10: no better best.pth for 3 epochs" in capsys.readouterr().out
+    assert [int(r["epoch"]) for r in metrics(run)] == [1, 2, 3, 4]
+
+
+# ---- TensorBoard ------------------------------------------------------------------------------
+
+def test_tensorboard_event_files_hold_each_epoch_once(tiny_data, tmp_path, capsys):
+    """--tensorboard writes event files into the run folder that TensorBoard's own reader reads
+    back: every epoch's losses, accuracies, learning rate, speed and data-wait share, equal to
+    metrics.csv; a resumed run adds its epochs, each epoch once."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -r requirements-dev.txt)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    assert run_main("--data-path", tiny_data, "--output-dir", run, *FAST, "--tensorboard") == 0
+    assert run_main("--resume", run / "last.pth", "--epochs", "3") == 0
+    events = EventAccumulator(str(run))
+    events.Reload()
+    rows = metrics(run)
+    for tag, field in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("accuracy/val_top1", "val_top1"),
+                       ("accuracy/val_top5", "val_top5"), ("lr", "lr"), ("speed/images_per_second",
+                       "images_per_second"), ("speed/data_wait_share", "data_wait")):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2, 3], tag
+        assert [s.value for s in scalars] == pytest.approx([float(r[field]) for r in rows], rel=1e-5), tag
+    assert all(0 <= float(r["data_wait"]) < 1 for r in rows)
+
+
+def test_tensorboard_without_the_package_says_what_to_install(tmp_path, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard"
+                        else find_spec(name, *a))
+    parser = train_script.get_args_parser()
+    args = parser.parse_args(["--tensorboard", "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_:
+        train_script.check_args(parser, args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("error: --tensorboard needs the tensorboard package: pip install -r "
+                                       "requirements-tensorboard.txt\n")
+    assert not (tmp_path / "run").exists()

@@ -1,7 +1,4 @@
-"""The scripts' GPU paths, read on a machine without one: torch.cuda is replaced in this process by
-FakeGPUs (a machine with N GPUs of some compute capability, recording what is asked of it), and
-OnCPU runs on the CPU the tensors that code puts on "cuda" or "mps", recording what it put there.
-What only a real GPU can show (kernels, NCCL, memory) is tests/test_cuda.py's."""
+"""Devices: GPU, Apple GPU and CPU paths, torchrun's backends and AMP's dtype, without a GPU."""
 import argparse
 import os
 import subprocess
@@ -13,60 +10,21 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 import benchmark
-import checkpoint
+from benchmarks import steps
 import conftest
+import errors
 import export
 import predict
-import errors
 import runtime
 import train
 import utils
-from conftest import copy_digits
+from conftest import FakeGPUs, copy_digits
 
 
-class FakeGPUs:
-    """torch.cuda as on a machine with `count` GPUs of compute capability `capability`. `events`
-    lists the calls that act on a GPU, (name, device index); an index past the last GPU raises,
-    as CUDA does. Each GPU's RNG state is a small tensor holding its index."""
-
-    def __init__(self, monkeypatch, count, capability=(8, 0)):
-        self.count, self.capability, self.current, self.events = count, capability, 0, []
-        self.rng = {i: torch.full((4,), i, dtype=torch.uint8) for i in range(count)}
-        fakes = {
-            "is_available": lambda: True,
-            "device_count": lambda: self.count,
-            "current_device": lambda: self.current,
-            "get_device_capability": lambda device=None: self.capability,
-            "get_device_name": lambda device=None: "a fake GPU",
-            "is_bf16_supported": lambda including_emulation=True: True,  # T4 and V100 say so too (emulated)
-            "set_device": self.set_device,
-            "get_rng_state": lambda device="cuda": self.rng[self.index(device, "get_rng_state")].clone(),
-            "set_rng_state": self.set_rng_state,
-            "manual_seed_all": lambda seed: None,  # torch.manual_seed seeds every GPU through this
-        }
-        for name in ("synchronize", "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated"):
-            fakes[name] = lambda device=None, name=name: self.index(device, name) and 0
-        for module in (torch.cuda, torch.cuda.random):  # get/set_rng_state_all call the names in torch.cuda.random
-            for name, fake in fakes.items():
-                if hasattr(module, name):
-                    monkeypatch.setattr(module, name, fake)
-
-    def index(self, device, name):
-        if device is None or device == "cuda":
-            index = self.current
-        else:
-            index = device if isinstance(device, int) else torch.device(device).index
-            index = self.current if index is None else index
-        if not 0 <= index < self.count:
-            raise IndexError(f"{name}: invalid device ordinal {index} on a machine with {self.count} GPU(s)")
-        self.events.append((name, index))
-        return index
-
-    def set_device(self, device):
-        self.current = self.index(device, "set_device")
-
-    def set_rng_state(self, state, device="cuda"):
-        self.rng[self.index(device, "set_rng_state")] = state.clone()
+# torch.cuda is replaced in this process by FakeGPUs (conftest.py: a machine with N GPUs of some
+# compute capability, recording what is asked of it), and OnCPU runs on the CPU the tensors that
+# code puts on "cuda" or "mps", recording what it put there. What only a real GPU can show
+# (kernels, NCCL, memory) is tests/test_cuda.py's.
 
 
 class OnCPU(TorchFunctionMode):
@@ -118,7 +76,7 @@ def test_benchmark_exports_on_the_cpu_as_export_py_does(monkeypatch):
 
     monkeypatch.setattr(export, "export_program", spy)
     with pytest.raises(Reached):
-        benchmark.infer_exported(argparse.Namespace(model="b0"), torch.device("meta"),
+        steps.infer_exported(argparse.Namespace(model="b0"), torch.device("meta"),
                                  torch.empty(2, 3, 32, 32, device="meta"), "pt2")
     assert seen == [torch.device("cpu")]
 
@@ -178,6 +136,11 @@ def test_the_gpu_chosen_becomes_the_current_one(monkeypatch, name, index):
     assert fake.events == [("set_device", index)]
 
 
+def test_a_device_that_cannot_train_is_refused():
+    with pytest.raises(errors.UsageError, match="--device meta is not a device to train or predict on"):
+        runtime.choose_device("meta")
+
+
 def test_benchmark_measures_the_gpu_it_runs_on(monkeypatch, cuda_flags):
     """benchmark.py --device cuda:1 synchronised with, and read the memory of, GPU 0."""
     fake = FakeGPUs(monkeypatch, 2)
@@ -185,31 +148,8 @@ def test_benchmark_measures_the_gpu_it_runs_on(monkeypatch, cuda_flags):
                                                    "--device", "cuda:1"])
     with OnCPU("cuda"):
         device = runtime.choose_device(args.device)
-        benchmark.measure("infer-baseline", args, device)
+        steps.measure("infer-baseline", args, device)
     assert fake.events and all(index == 1 for _, index in fake.events), fake.events
-
-
-# ---- 4. RNG state on another machine -----------------------------------------------------------
-
-def test_rng_state_resumes_on_a_machine_with_fewer_gpus(monkeypatch):
-    """last.pth held one CUDA RNG state per visible GPU, all restored by index: on a machine with
-    fewer GPUs, --resume raised IndexError. Each process saves and restores its own GPU's state."""
-    saving = FakeGPUs(monkeypatch, 2)
-    state = runtime.rng_state(torch.device("cuda", 1))  # rank 1 of a 2-GPU machine
-    assert torch.equal(state["cuda"], saving.rng[1])
-    resuming = FakeGPUs(monkeypatch, 1)
-    runtime.set_rng_state(state, torch.device("cuda", 0))
-    assert torch.equal(resuming.rng[0], saving.rng[1])
-    old_file = dict(state, cuda=[saving.rng[0], saving.rng[1]])  # a last.pth written before: all GPUs
-    runtime.set_rng_state(old_file, torch.device("cuda", 0))
-    assert torch.equal(resuming.rng[0], saving.rng[0])
-
-
-def test_rng_state_on_the_cpu_leaves_the_gpus_alone(monkeypatch):
-    """Training on the CPU of a GPU machine read every GPU's state (a CUDA context on each)."""
-    fake = FakeGPUs(monkeypatch, 2)
-    assert "cuda" not in runtime.rng_state(torch.device("cpu"))
-    assert fake.events == []
 
 
 # ---- 5. --amp auto and predict.py --amp on GPUs without native bf16 ---------------------------
@@ -330,41 +270,6 @@ def test_a_nan_loss_stops_the_epoch_at_its_step_on_a_cpu_and_soon_after_on_a_gpu
     with OnCPU("cuda"), pytest.raises(errors.NonFiniteLossError, match=r"^the loss became nan in epoch 1, steps 0-4$"):
         run_epoch(model, torch.device("cuda", 0))
     assert model.calls == 5
-
-
-# ---- 9. checkpoints saved from a GPU open on a CPU-only machine --------------------------------
-
-def tensors_in(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from tensors_in(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from tensors_in(v)
-
-
-def test_checkpoints_hold_cpu_tensors_whatever_the_device(tmp_path, monkeypatch):
-    """best.pth and last.pth from a GPU held CUDA tensors: torch.load(weights_only=True), as
-    README shows, failed on a machine without a GPU. (Fake CUDA tensors stand in for real ones.)"""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    saved = []
-    monkeypatch.setattr(torch, "save", lambda obj, f: saved.append(obj))
-    with FakeTensorMode(allow_non_fake_inputs=True):  # the CPU RNG state is a real tensor
-        model = torch.nn.Sequential(torch.nn.Linear(2, 2, device="cuda"), torch.nn.BatchNorm1d(2, device="cuda"))
-        state = {"state": {0: {"exp_avg": torch.zeros(2, device="cuda"), "step": torch.ones((), device="cuda")}},
-                 "param_groups": [{"lr": 0.1, "params": [0]}]}
-        ema = {"n_averaged": torch.ones((), dtype=torch.long, device="cuda"), "module.0.weight": model[0].weight}
-        progress = dict(checkpoint.new_progress(), best_confusion=torch.zeros(2, 2, device="cuda"))
-        holder = lambda sd: types.SimpleNamespace(state_dict=lambda: sd)  # noqa: E731
-        rng = [{"torch": torch.get_rng_state(), "python": None, "cuda": torch.zeros(4, dtype=torch.uint8)}]
-        checkpoint.save_best(tmp_path / "best.pth", model, {"classes": ["a", "b"]}, 1, 0.5)
-        checkpoint.save_last(tmp_path / "last.pth", model, {}, progress, holder(state), holder({"last_epoch": 1}),
-                             holder({}), holder(ema), rng)
-    found = [t for obj in saved for t in tensors_in(obj)]
-    assert len(found) >= 15 and {t.device.type for t in found} == {"cpu"}
-    assert saved[0]["model"]._metadata[""]["version"] == 1 and saved[0]["model"]._metadata["1"]["version"] == 2
 
 
 # ---- 10. the tests run the scripts on the CPU on a GPU machine too ----------------------------
