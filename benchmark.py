@@ -8,6 +8,8 @@ in a file of benchmarks/:
     python benchmark.py --time-to-accuracy   # time_to_accuracy.py: launch to 95 % val top-1 on the digits
     python benchmark.py --whole              # whole.py: train.py and predict.py, launch to exit
     python benchmark.py --startup 10000      # startup.py: launch to the first step on 10,000 files
+    python benchmark.py --loader --data-path DIR --workers 1   # loader.py: the data pipeline, img/s per core
+    python benchmark.py --device cuda --quick   # quick.py: what a GPU does with this repo, in minutes
 
 Each prints the CPU (every figure hangs on it), a line on what it compares, then its rows in one
 format (benchmarks/measuring.py's Table): name, the baseline's figure, this repo's, the unit and
@@ -23,19 +25,15 @@ import sys
 import cli
 import errors
 import runtime
-from benchmarks import startup, steps, time_to_accuracy, whole
+from benchmarks import loader, quick, startup, steps, time_to_accuracy, whole
 from model import VARIANTS
-
-# tests/test_gpu_paths.py measures a contender and builds an exported row in its own process,
-# through these names
-measure, infer_exported = steps.measure, steps.infer_exported
 
 
 def get_args_parser():
     p = cli.ArgumentParser(description="Benchmark this repo against plain torchvision.")
     p.add_argument("--model", default="b0", choices=list(VARIANTS), help="variant")
     p.add_argument("--img-size", type=int, default=None, help="resolution (default: the variant's)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32; --quick: 256)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds, alternating this repo and the baseline; the median round is reported")
@@ -59,10 +57,20 @@ def get_args_parser():
                         "64 px, predict.py over 15 batches of small JPEGs and on one image) against plain scripts, "
                         "and predict.py over --images JPEGs against ONNX Runtime on the exported file "
                         "(benchmarks/whole.py)")
+    p.add_argument("--loader", action="store_true",
+                   help="only time the data pipeline, training's and evaluation's, against the tutorial's, in images "
+                        "per second per core (--workers of them; --data-path, default 256 photos of 500x375 px) "
+                        "(benchmarks/loader.py)")
+    p.add_argument("--quick", action="store_true",
+                   help="what a GPU does with this repo in a few minutes, with --device cuda: training steps at "
+                        "batch 16 and 256, a profile of one, the loader, whole train.py against the tutorial's loop "
+                        "(and --timm-train's) (benchmarks/quick.py)")
+    p.add_argument("--timm-train", metavar="PATH", help="--quick: timm's train.py, to time against train.py")
     p.add_argument("--images", type=int, default=1000,
                    help="--whole: the JPEGs that predict.py reads from best.pth and ONNX Runtime from its export "
                         "(0: leave that row out)")
-    p.add_argument("--data-path", help="--whole, --time-to-accuracy: the folder to train on (default: the bundled digits)")
+    p.add_argument("--data-path", help="--whole, --time-to-accuracy: the folder to train on (default: the bundled "
+                                       "digits); --loader: the images to read")
     # a child process of the default mode, measuring one contender: see steps.run_contender
     p.add_argument("--contender", choices=list(steps.CONTENDERS), help=argparse.SUPPRESS)
     p.add_argument("--photos", help=argparse.SUPPRESS)  # the folder the "folder" contenders predict
@@ -92,18 +100,24 @@ def mode(args):
         return whole
     if args.time_to_accuracy:
         return time_to_accuracy
+    if args.loader:
+        return loader
+    if args.quick:
+        return quick
     return steps
 
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
+    args.batch_size = args.batch_size or (256 if args.quick else 32)
     try:
         if args.contender:  # its parent reads the last line it prints, a JSON object, and nothing else
             device = runtime.choose_device(args.device)
             print(json.dumps(steps.tensor_memory(args.contender, args, device) if args.tensor_memory
                              else steps.measure(args.contender, args, device)))
         else:
-            print(f"CPU: {cpu_name()}")
+            if not args.quick:  # it names the device once it has checked it
+                print(f"CPU: {cpu_name()}")
             mode(args).run(args)
     except errors.UsageError as e:
         print(f"error: {e}", file=sys.stderr)

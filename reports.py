@@ -13,7 +13,8 @@ from my_dataset import load_rgb
 from outputs import atomic_write, atomic_write_text
 
 
-METRIC_FIELDS = ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "epoch_seconds",
+# data_time: the seconds training waited for the loader in the epoch; data_wait: their share of it
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "epoch_seconds", "data_time",
                  "images_per_second", "data_wait"]
 
 

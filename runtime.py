@@ -142,15 +142,25 @@ def keep_freed_memory():
         return False
 
 
-def default_workers():
-    """Data loader processes per training (or predicting) process: the CPUs, up to 8, shared out
-    among the processes torchrun starts on this machine."""
-    return max(1, min((os.cpu_count() or 1) // torchrun_local()[1], 8))
+def default_workers(device=None, batch_size=None):
+    """Data loader processes per training (or predicting) process, the CPUs shared out among the
+    processes torchrun starts on this machine. Feeding a GPU: all of them but one, which the
+    process itself needs to launch the GPU's work, and no more than a batch has images. On a CPU,
+    where the model computes on the same cores as the loader: up to 8."""
+    cpus = max(1, usable_cpus() // torchrun_local()[1])
+    if device is not None and device.type == "cuda":
+        return max(1, min(cpus - 1, batch_size or cpus))
+    return min(cpus, 8)
+
+
+def usable_cpus():
+    """The CPUs this process may run on (a container or taskset may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def usable_workers(requested):
     """--workers, but no more than the CPUs this process may use (more only slows loading down)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cpus()
     if requested > cpus:
         print0(f"note: --workers {requested} is more than the {cpus} CPUs here; using {cpus}", file=sys.stderr)
     return min(requested, cpus)

@@ -120,8 +120,9 @@ def get_args_parser():
 
     hardware = p.add_argument_group("hardware and speed")
     hardware.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or cuda:1")
-    hardware.add_argument("--workers", type=int, default=runtime.default_workers(), metavar="N",
-                          help="data loading processes")
+    hardware.add_argument("--workers", type=int, default=None, metavar="N",
+                          help="data loading processes (default: on a GPU, the CPUs less one, up to the batch; on "
+                               f"a CPU, the CPUs up to 8: {runtime.default_workers()} here)")
     hardware.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=["auto", "bf16", "fp16", "off"],
                           help="mixed precision (fp16 with a grad scaler); auto: bf16 on GPUs that have it (A100, "
                                "RTX 30xx and later), fp16 on older GPUs, off on CPUs (bf16 is slower there)")
@@ -166,7 +167,7 @@ def check_args(p, args):
         p.error(f"--img-size must be at least {MIN_IMG_SIZE} and at most {MAX_IMG_SIZE} pixels (got {args.img_size})")
     if not 0 < args.val_rate < 1:
         p.error(f"--val-rate must be between 0 and 1 (got {args.val_rate})")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         p.error(f"--workers must be 0 or more (got {args.workers})")
     lo, hi = args.crop_scale
     if not 0 < lo <= hi <= 1:
@@ -233,7 +234,8 @@ def resume_args(args, parser):
     return restored, resume
 
 
-Data = namedtuple("Data", "split train_loader val_loader train_sampler bn_loader check")
+# normalize: the end of the training pipeline, on the device (the train loader yields uint8 images)
+Data = namedtuple("Data", "split train_loader val_loader train_sampler bn_loader check normalize")
 
 
 def build_data(args, device, stored=None):
@@ -283,7 +285,7 @@ def build_data(args, device, stored=None):
         bn_loader = my_dataset.make_loader(bn_set, args.batch_size, False, workers, device)
     return Data(split, my_dataset.make_loader(train_set, args.batch_size, True, workers, device, train_sampler),
                 my_dataset.make_loader(val_part, args.batch_size, False, workers, device), train_sampler, bn_loader,
-                check)
+                check, transforms.Normalize(variant.mean, variant.std))
 
 
 # train: what the loop calls (DDP and/or compiled); raw: the plain model, saved in last.pth;
@@ -361,6 +363,11 @@ def main(args, parser):
     # the device first (--device may come from the resumed run): it decides torchrun's backend
     device = runtime.choose_device(args.device, *runtime.torchrun_local())
     rank, world, _ = runtime.setup_distributed(device)
+    if args.workers is None:
+        args.workers = runtime.default_workers(device, args.batch_size)
+    if device.type == "cuda" and args.batch_size == parser.get_default("batch_size") and not args.eval_only:
+        runtime.print0(f"note: --batch-size {args.batch_size} leaves a GPU waiting on this process most of each "
+                       "step; README's \"Batch size on a GPU\" says how to choose a larger one", file=sys.stderr)
     if resume is not None and not args.eval_only and (line := nothing_left(args, resume.progress)):
         runtime.print0(line)
         return 0
@@ -411,13 +418,14 @@ def fit(args, models, data, optimization, run, device):
             data.train_sampler.set_epoch(epoch)
             start = time.perf_counter()
             trained = utils.train_one_epoch(models.train, criterion, optimizer, data.train_loader, device, epoch,
-                                            args, *optimization[1:], models.ema, runtime.rank() == 0, mix)
+                                            args, *optimization[1:], models.ema, runtime.rank() == 0, mix,
+                                            data.normalize)
             result = validate(args, models, data, device, epoch)
             read = int(result["confusion"].sum())  # the validation images that could be read
             row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": trained.loss,
                    **{k: result[k] if read else math.nan for k in ("val_loss", "val_top1", "val_top5")},
-                   "epoch_seconds": time.perf_counter() - start, "images_per_second": trained.images_per_second,
-                   "data_wait": trained.data_wait}
+                   "epoch_seconds": time.perf_counter() - start, "data_time": trained.data_time,
+                   "images_per_second": trained.images_per_second, "data_wait": trained.data_wait}
             run.epoch_end(row, result)
             if not read:  # this epoch's training is kept; what is there to validate on must be fixed first
                 return run.unreadable_validation()
@@ -456,7 +464,7 @@ class EpochReport:
     some classes have far more training images than others."""
 
     def __init__(self, args, data):
-        self.args, self.data, self.stuck = args, data, 0
+        self.args, self.data, self.stuck, self.hinted = args, data, 0, False
         counts = torch.bincount(torch.as_tensor(data.split.train_labels), minlength=len(data.split.classes))
         self.imbalanced = bool(counts.max() >= 2 * counts.min())
 
@@ -473,17 +481,38 @@ class EpochReport:
             runtime.print0("  " + reports.recall_line(result["confusion"], classes))
         if self.data.check is not None:  # a large folder's headers, read while this epoch ran
             self.data.check.report()
+        if row["data_wait"] > DATA_WAIT_HINT and not self.hinted:
+            self.hinted = True
+            runtime.print0(f"  note: training waited for its images {100 * row['data_wait']:.0f} % of epoch "
+                           f"{row['epoch']}; {feeding_tips(self.args)} would feed it faster", file=sys.stderr)
+
+
+DATA_WAIT_HINT = 0.3  # the share of an epoch spent waiting for data above which the run says what to try
+
+
+def feeding_tips(args):
+    """What would make the loader keep up, for this run: more workers where CPUs are idle, images
+    stored nearer the training size (decoding a large photo is most of a worker's time), a lighter
+    augmentation policy."""
+    cpus = runtime.usable_cpus() // runtime.torchrun_local()[1]  # shared by the processes of this machine
+    tips = [f"more --workers (now {args.workers}; {cpus} CPUs here)"] if args.workers < cpus else []
+    tips.append(f"images stored smaller on disk (about {2 * args.img_size} px on the short side)")
+    if args.auto_augment:
+        tips.append(f"a lighter --auto-augment than {args.auto_augment}")
+    return ", ".join(tips[:-1]) + (" or " if len(tips) > 1 else "") + tips[-1]
 
 
 def epoch_line(args, row, history, num_classes, problem):
     """The line each epoch prints: losses, accuracy (top-5 only where it can be wrong), time, the
-    time left for the whole run, and a note when validation has shown no learning for a while."""
+    share of it spent waiting for data, the time left for the whole run, and a note when
+    validation has shown no learning for a while."""
     this_session = [r["epoch_seconds"] for r in history][-(row["epoch"] - history[0]["epoch"] + 1):]
     left = (args.epochs - row["epoch"]) * sum(this_session) / len(this_session)
     top5 = f"top-5 {row['val_top5']:.4f}  " if num_classes > 5 else ""
     line = (f"epoch {row['epoch']}/{args.epochs}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
             f"top-1 {row['val_top1']:.4f}  {top5}lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s  "
-            f"{row['images_per_second']:.1f} img/s" + (f"  run ends in {utils.duration(left)}" if left else ""))
+            f"{row['images_per_second']:.1f} img/s  data {100 * row['data_wait']:.0f} %"
+            + (f"  run ends in {utils.duration(left)}" if left else ""))
     return line + (f"\n  not learning yet: {problem}" if problem else "")
 
 

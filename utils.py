@@ -380,16 +380,17 @@ def check_finite(model, epoch):
                                  f"e.g. {bad[0]})")
 
 
-def to_device(images, labels, device, channels_last):
+def to_device(images, labels, device, channels_last, normalize=None):
+    """A batch on `device`; `normalize` (transforms.Normalize) turns uint8 images into floats there."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return (images.to(device, non_blocking=True, memory_format=memory_format),
-            labels.to(device, non_blocking=True))
+    images = images.to(device, non_blocking=True, memory_format=memory_format)
+    return images if normalize is None else normalize(images), labels.to(device, non_blocking=True)
 
 
-# what train_one_epoch returns: the mean loss over all ranks, images per second, and the share of
-# the epoch's time this process spent waiting for the loader's next batch (0.3: the GPU or CPU
-# waited for data 30 % of the time; more --workers, or a cheaper augmentation, would help)
-EpochFigures = namedtuple("EpochFigures", "loss images_per_second data_wait")
+# what train_one_epoch returns: the mean loss over all ranks, images per second, the seconds this
+# process spent waiting for the loader's next batch, and their share of the epoch's time (0.3: the
+# GPU or CPU waited for data 30 % of the time; more --workers, or a cheaper augmentation, would help)
+EpochFigures = namedtuple("EpochFigures", "loss images_per_second data_time data_wait")
 
 
 def timed(iterable, waited):
@@ -406,10 +407,11 @@ def timed(iterable, waited):
 
 
 def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, scheduler, scaler, ema=None,
-                    show=True, mix=None):
+                    show=True, mix=None, normalize=None):
     """One pass over `loader`; returns its EpochFigures. The scheduler steps once per optimizer
-    step; from `args`: amp, grad_accum, clip_grad (0: off), channels_last. `mix` (MixUp or
-    CutMix) blends each batch and turns its labels into soft targets."""
+    step; from `args`: amp, grad_accum, clip_grad (0: off), channels_last. `normalize`
+    (transforms.Normalize) turns the loader's uint8 images into floats on the device; `mix`
+    (MixUp or CutMix) then blends each batch and turns its labels into soft targets."""
     model.train()
     for m in model.modules():  # frozen BatchNorm layers (--freeze-layers) keep their statistics too
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
@@ -430,7 +432,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
     for step, (images, labels) in enumerate(timed(bar, waited)):
         if len(images) < smallest:  # unreadable files left less than BatchNorm needs
             continue
-        images, labels = to_device(images, labels, device, args.channels_last)
+        images, labels = to_device(images, labels, device, args.channels_last, normalize)
         if mix is not None and len(images) > 1:
             images, labels = mix(images, labels)
         update = (step + 1) % grad_accum == 0 or step + 1 == len(loader)
@@ -469,7 +471,8 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
                   f"{seen / (now - start):.1f} img/s  epoch ends in {duration(left)}", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
     sums = all_reduce_sum(torch.stack([loss_sum, torch.tensor(seen, dtype=loss_sum.dtype, device=device)]))
-    return EpochFigures(sums[0].item() / max(sums[1].item(), 1), sums[1].item() / elapsed, waited[0] / elapsed)
+    return EpochFigures(sums[0].item() / max(sums[1].item(), 1), sums[1].item() / elapsed, waited[0],
+                        waited[0] / elapsed)
 
 
 def duration(seconds):

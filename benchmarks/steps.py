@@ -90,10 +90,8 @@ def infer_step(args, device, x, torchvision_model=False, bf16=False):
         return infer_fn(baseline_model(args.model, device).eval(), x)
     import predict
     model = fuse_bn(create_model(args.model).to(device, memory_format=torch.channels_last))
-    # predict.py --amp's dtype
-    amp = torch.float16 if device.type == "cuda" and not runtime.native_bf16(device) else torch.bfloat16
     return infer_fn(predict.fast_path(model, device, bf16), x.contiguous(memory_format=torch.channels_last),
-                    amp if bf16 else None)
+                    runtime.half_dtype(device) if bf16 else None)  # predict.py --amp's dtype
 
 
 def infer_exported(args, device, x, fmt):

@@ -47,20 +47,27 @@ def split(root):
     return classes, train, val
 
 
-def main(args):
-    torch.manual_seed(args.seed)
-    classes, train, val = split(args.data_path)
-    size, batch, epochs = args.img_size, args.batch_size, args.epochs
+def pipelines(size):
+    """The tutorial's (training, validation) transforms at `size` px."""
     normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), normalize])
     val_tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
                                  normalize])
+    return train_tf, val_tf
+
+
+def main(args):
+    torch.manual_seed(args.seed)
+    classes, train, val = split(args.data_path)
+    size, batch, epochs = args.img_size, args.batch_size, args.epochs
+    train_tf, val_tf = pipelines(size)
     nw = min(os.cpu_count(), batch, 8)
     train_loader = torch.utils.data.DataLoader(Images(train, train_tf), batch_size=batch, shuffle=True,
                                                num_workers=nw)
     val_loader = torch.utils.data.DataLoader(Images(val, val_tf), batch_size=batch, num_workers=nw)
-    model = torchvision.models.efficientnet_b0(num_classes=len(classes))
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")  # as the tutorial picks it
+    model = torchvision.models.efficientnet_b0(num_classes=len(classes)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda x: (1 + math.cos(x * math.pi / epochs)) / 2 * 0.99 + 0.01)
@@ -70,6 +77,7 @@ def main(args):
         model.train()
         bar = tqdm(train_loader, file=sys.stdout)
         for images, labels in bar:
+            images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(images), labels)
             loss.backward()
@@ -80,7 +88,7 @@ def main(args):
         correct = 0
         with torch.no_grad():
             for images, labels in tqdm(val_loader, file=sys.stdout):
-                correct += (model(images).argmax(1) == labels).sum().item()
+                correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
         torch.save(model.state_dict(), os.path.join(args.output_dir, f"model-{epoch}.pth"))
         print(f"epoch {epoch} accuracy {correct / len(val):.4f} seconds {time.perf_counter() - start:.2f}")
 

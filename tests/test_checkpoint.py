@@ -20,7 +20,7 @@ import model_files
 import outputs
 import runtime
 import train as train_script
-from conftest import FAST, FakeGPUs, ROOT, assert_user_error, copy_digits, read_csv, run_script, train
+from conftest import FAST, FakeGPUs, ROOT, assert_user_error, copy_digits, epochs_logged, read_csv, run_script, train
 from errors import DataError, WeightsError
 from model import VARIANTS, create_model
 from model_files import read_class_indices, write_class_indices
@@ -406,3 +406,27 @@ def test_rng_state_on_the_cpu_leaves_the_gpus_alone(monkeypatch):
     fake = FakeGPUs(monkeypatch, 2)
     assert "cuda" not in runtime.rng_state(torch.device("cpu"))
     assert fake.events == []
+
+
+@pytest.mark.parametrize("part", ["optimizer state", "optimizer groups", "ema shape", "ema keys"])
+def test_a_last_pth_whose_optimizer_or_ema_state_does_not_fit_is_refused_before_loading(run_copy, part):
+    """A stranger's last.pth (or a damaged one) whose optimizer or EMA state does not fit the model:
+    before, a traceback in the first step or inside load_state_dict; now one line naming the part."""
+    data, run = run_copy
+    ckpt = torch.load(run / "last.pth", weights_only=True)
+    if part == "optimizer state":
+        ckpt["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+    elif part == "optimizer groups":
+        ckpt["optimizer"]["param_groups"][0]["params"].pop()
+    elif part == "ema shape":
+        ckpt["ema"]["module.classifier.1.weight"] = torch.zeros(3, 3)
+    else:
+        del ckpt["ema"]["n_averaged"]
+    torch.save(ckpt, run / "last.pth")
+    result = train("--resume", run / "last.pth", "--epochs", "3", "--data-path", data)
+    expected = {"optimizer state": "its optimizer state 0.exp_avg is of shape [3] where its parameter's is [32, 3, 3, 3]",
+                "optimizer groups": "its optimizer is a state of [",
+                "ema shape": "its ema module.classifier.1.weight is of shape [3, 3] where the model's is [3, 1280]",
+                "ema keys": "its ema is without n_averaged, unlike this model's average"}[part]
+    assert_user_error(result, f"--resume: {run / 'last.pth'}: {expected}")
+    assert epochs_logged(run) == [1, 2]  # the run is left as it was

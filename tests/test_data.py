@@ -1036,3 +1036,35 @@ def test_messy_folder_still_trains(tmp_path):
     assert all(name in result.stderr for name in ("zero.jpg", "notes.png", "truncated.jpg"))
     best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)
     assert best["meta"]["classes"] == ["0", "1", "café au lait", "solo"]
+
+
+def test_the_uint8_training_crop_draws_as_torchvision_and_normalises_on_the_device():
+    """TrainCrop (uint8 out, resized by PyTorch's kernels) takes torchvision's crops: over 300
+    draws on an image whose pixels tell their own coordinates, the mean and spread of the crop's
+    area and aspect ratio match torchvision's RandomResizedCrop on the PIL image, and half the
+    crops are mirrored. Normalize then gives EvalTransform's arithmetic to the bit."""
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+    w, h = 400, 300
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    coded = torch.stack([xs * 255 // (w - 1), ys * 255 // (h - 1), torch.zeros_like(xs)], -1).to(torch.uint8)
+    img = Image.fromarray(coded.numpy())
+
+    def measured(out):  # the crop's area share, aspect ratio and whether it is mirrored, from its pixels
+        red, green = out[0].float(), out[1].float()
+        width = (red[:, -3:].mean() - red[:, :3].mean()) / 255 * (w - 1)
+        height = (green[-3:].mean() - green[:3].mean()) / 255 * (h - 1)
+        return abs(width) * height / (w * h), abs(width) / height, bool(width < 0)
+
+    torch.manual_seed(0)
+    ours = [measured(transforms.TrainCrop(64, (0.25, 1.0), "bicubic")(img)) for _ in range(300)]
+    tv = RandomResizedCrop(64, scale=(0.25, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    theirs = [measured(torch.as_tensor(np.array(tv(img))).permute(2, 0, 1)) for _ in range(300)]
+    for i in (0, 1):
+        a, b = torch.tensor([m[i] for m in ours]), torch.tensor([m[i] for m in theirs])
+        assert abs(a.mean() - b.mean()) < 0.05 * b.mean() and abs(a.std() - b.std()) < 0.15 * b.std(), (i, a, b)
+    assert 0.4 < sum(m[2] for m in ours) / 300 < 0.6 and not any(m[2] for m in theirs)
+    out = transforms.TrainCrop(64, (0.25, 1.0), "bicubic")(img)
+    assert out.dtype == torch.uint8 and out.shape == (3, 64, 64)
+    v = VARIANTS["b0"]
+    expected = out.float().mul_(1.0 / 255).sub(torch.tensor(v.mean).view(3, 1, 1)).div_(torch.tensor(v.std).view(3, 1, 1))
+    assert torch.equal(transforms.Normalize(v.mean, v.std)(out.unsqueeze(0))[0], expected)

@@ -421,3 +421,25 @@ def test_benchmark_refuses_a_device_this_machine_lacks_in_one_line():
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: --device mps, but PyTorch sees no Apple GPU (MPS) here: "
                                                   "use --device cpu"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU: the quick benchmark runs there")
+def test_the_quick_gpu_benchmark_without_a_gpu_is_one_line():
+    result = conftest.run_script("benchmark.py", "--device", "cuda", "--quick", check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["error: --device cuda, but PyTorch sees no CUDA GPU here: use "
+                                                  "--device cpu"]
+
+
+def test_loader_workers_default_to_the_cpus_feeding_a_gpu_and_up_to_8_on_a_cpu(monkeypatch):
+    """Feeding a GPU, every CPU but the one the process needs, no more than a batch; computing on the
+    CPU, the CPUs up to 8; torchrun's processes on one machine share them."""
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 32)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert runtime.default_workers(gpu, 256) == 31 and runtime.default_workers(gpu, 16) == 16
+    assert runtime.default_workers(cpu, 256) == 8 and runtime.default_workers() == 8
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "4"), ("LOCAL_WORLD_SIZE", "4")):
+        monkeypatch.setenv(name, value)
+    assert runtime.default_workers(gpu, 256) == 7 and runtime.default_workers(cpu, 16) == 8
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 1)
+    assert runtime.default_workers(gpu, 256) == 1 and runtime.default_workers(cpu, 16) == 1

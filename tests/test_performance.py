@@ -182,3 +182,28 @@ def test_time_to_accuracy_runs_both_programs_and_stops_them_at_the_target(tmp_as
     assert [r[0] for r in rows] == ["seed 0: epoch 1 / epoch 1"], out
     _, tutorial, ours, unit, ratio = rows[0]
     assert tutorial > 0 and ours > 0 and unit == "s" and ratio == pytest.approx(tutorial / ours, rel=0.05)
+
+
+def test_benchmark_loader_compares_both_pipelines_per_core(tmp_as_tmpdir):
+    """benchmark.py --loader on a folder of JPEGs: this repo's training and evaluation pipelines
+    against the tutorial's, in the one table format, the last row the training pipeline's ratio."""
+    copy_digits(tmp_as_tmpdir / "digits", classes=("0", "1"), per_class=40)
+    out = run_script("benchmark.py", "--loader", "--data-path", tmp_as_tmpdir / "digits", "--img-size", "32",
+                     "--workers", "0", "--rounds", "1", timeout=600).stdout
+    rows = table(out)
+    assert [r[0] for r in rows] == ["evaluation pipeline vs the tutorial's", "training pipeline vs the tutorial's"], out
+    assert all(r[1] > 0 and r[2] > 0 and r[3] == "img/s" and r[4] == pytest.approx(r[2] / r[1], rel=0.02)
+               for r in rows), out
+    assert "80 images from " in out and "images per second per core" in out
+
+
+def test_quick_gpu_benchmark_runs_as_a_smoke_test_on_the_cpu(tmp_as_tmpdir):
+    """benchmark.py --quick, meant for a GPU machine's few minutes, runs every part at toy sizes
+    on the CPU: rows as they are measured, the profile of a step, the whole-command rows."""
+    out = run_script("benchmark.py", "--device", "cpu", "--quick", "--img-size", "32", "--batch-size", "4",
+                     timeout=600).stdout
+    names = [r[0] for r in table(out)]
+    assert names[:2] == ["train step, model only, batch 16: train.py vs the tutorial's",
+                         "train step, model only, batch 4: train.py vs the tutorial's"], out
+    assert any(n.startswith("loader, ") for n in names) and names[-1].startswith("train.py, 1 epoch of 64 JPEGs"), out
+    assert "one training step at batch 4: " in out and "aten::" in out and "timm's train.py: not compared" in out

@@ -283,3 +283,23 @@ def test_tensorboard_without_the_package_says_what_to_install(tmp_path, monkeypa
     assert capsys.readouterr().err == ("error: --tensorboard needs the tensorboard package: pip install -r "
                                        "requirements-tensorboard.txt\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_waiting_for_its_images_says_once_what_to_try(tmp_path):
+    """Large PNGs (no draft decoding) at 32 px in the main process: most of each epoch waits for
+    data. The epoch lines say how much, and one note (not one per epoch) says what would help."""
+    for c in ("a", "b"):
+        (tmp_path / "big" / c).mkdir(parents=True)
+        for i in range(10):
+            noise = torch.randint(0, 256, (900, 1200, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+            Image.fromarray(noise.numpy()).save(tmp_path / "big" / c / f"{i}.png")
+    result = run_script("train.py", "--data-path", tmp_path / "big", "--output-dir", tmp_path / "run", "--img-size", "32",
+                        "--batch-size", "4", "--workers", "0", "--epochs", "2", "--precise-bn", "0")
+    shares = [int(s) for s in re.findall(r"^epoch \d/2 .* data (\d+) %", result.stdout, re.M)]
+    notes = re.findall(r"^  note: training waited for its images (\d+) % of epoch (\d); (.*) would feed it faster$",
+                       result.stderr, re.M)
+    assert len(shares) == 2 and shares[0] > 30 and len(notes) == 1, (result.stdout, result.stderr)
+    share, epoch, tips = notes[0]
+    assert (int(share), int(epoch)) == (shares[0], 1)
+    assert tips.startswith("more --workers (now 0; ") and tips.endswith(" or images stored smaller on disk (about "
+                                                                          "64 px on the short side)"), tips
