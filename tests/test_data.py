@@ -714,9 +714,12 @@ def _natural_image(tmp_path, size=(96, 80)):
 
 
 def test_train_transform_shape_and_normalisation(tmp_path):
-    """The train transform gives a float [3,64,64] tensor normalised with the variant's mean/std."""
+    """The train transform gives a uint8 [3,64,64] tensor, which transforms.Normalize turns into
+    floats normalised with the variant's mean/std (on the device, a batch at a time)."""
     torch.manual_seed(0)
-    tf = build_transform(B0, 64, train=True, hflip=False)
+    crop, normalize = build_transform(B0, 64, train=True, hflip=False), transforms.Normalize(B0.mean, B0.std)
+    assert crop(_natural_image(tmp_path)).dtype == torch.uint8
+    tf = lambda img: normalize(crop(img).unsqueeze(0))[0]  # noqa: E731
     out = tf(_natural_image(tmp_path))
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (3, 64, 64)
     assert out.mean(dim=(1, 2)).abs().max() < 0.3
@@ -769,7 +772,7 @@ def _half_black_half_white():
 
 def _flipped(t):
     """True when the bright half of a [3,H,W] tensor is on the left."""
-    w = t.shape[-1]
+    w, t = t.shape[-1], t.float()
     return t[..., : w // 2].mean() > t[..., w // 2:].mean()
 
 
@@ -828,7 +831,7 @@ def test_make_loader_train_batches_drop_last(ten_images):
     batches = list(loader)
     assert len(batches) == 2
     for images, batch_labels in batches:
-        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8  # normalised on the device
         assert batch_labels.shape == (4,) and batch_labels.dtype == torch.long
     whole = make_loader(ds, 10, train=True, workers=0, device=torch.device("cpu"))
     assert whole.drop_last is False and [len(b[0]) for b in whole] == [10]

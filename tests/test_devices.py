@@ -1,6 +1,5 @@
 """Devices: GPU, Apple GPU and CPU paths, torchrun's backends and AMP's dtype, without a GPU."""
 import argparse
-import os
 import subprocess
 import types
 
@@ -373,7 +372,7 @@ def test_precise_bn_copies_each_image_batch_to_the_device_once():
 
 def test_loader_workers_are_shared_among_the_processes_of_a_machine(monkeypatch):
     """Each torchrun process took min(CPUs, 8) loader workers: 8 GPUs on 32 CPUs ran 64."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 32)
     assert runtime.default_workers() == 8
     for name, value in (("RANK", 0), ("WORLD_SIZE", 16), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 8)):
         monkeypatch.setenv(name, str(value))

@@ -30,7 +30,7 @@ def augmented(seed, **options):
 def test_auto_augment_policies_are_applied_and_follow_the_seed(policy):
     for seed in range(3):
         image = augmented(seed, auto_augment=policy)
-        assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+        assert image.shape == (3, 64, 64) and image.dtype == torch.uint8  # normalised on the device
         assert torch.equal(image, augmented(seed, auto_augment=policy))  # the same seed, the same image
     # crop and flip draw first, so with and without the policy they are the same: what differs is the policy
     changed = sum(not torch.equal(augmented(seed, auto_augment=policy), augmented(seed)) for seed in range(8))
@@ -46,8 +46,11 @@ def test_ra_magnitude_sets_randaugment_strength():
 
 def test_random_erase_blanks_a_rectangle():
     plain, erased = augmented(1), augmented(1, random_erase=1.0)
-    blank = (erased == 0).all(0)  # erased pixels are 0 after normalisation: the data set's mean
-    assert blank.sum() >= 0.02 * 64 * 64 and not (plain == 0).all(0).any()
+    mean = torch.tensor([round(255 * m) for m in VARIANTS["b0"].mean], dtype=torch.uint8).view(3, 1, 1)
+    blank = (erased == mean).all(0)  # erased pixels take the data set's mean colour: 0 once normalised
+    assert blank.sum() >= 0.02 * 64 * 64 and not (plain == mean).all(0).any()
+    normalised = transforms.Normalize(VARIANTS["b0"].mean, VARIANTS["b0"].std)(erased.unsqueeze(0))[0]
+    assert normalised[:, blank].abs().max() < 0.01
     rows, cols = blank.any(1).nonzero(), blank.any(0).nonzero()
     box = blank[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     assert box.all()  # one solid rectangle
