@@ -36,7 +36,7 @@ def evaluate_only(args, models, data, device, trained):
                 pass
     try:
         result = utils.evaluate(models.eval, data.val_loader, device, len(classes), args.channels_last,
-                                runtime.rank() == 0, tta=tta)
+                                runtime.rank() == 0, tta=tta, normalize=data.normalize)
     except BaseException:
         unmake()
         raise

@@ -128,7 +128,9 @@ class ImagePaths(Dataset):
 
 def predict(model, loader, device, topk, amp=False, tta=False):
     """Yields (index, probabilities of the top k, their class indices) or (index, error, None).
-    tta: the mean of the probabilities of each image and its mirror image."""
+    tta: the mean of the probabilities of each image and its mirror image. The loader's uint8
+    images are normalised on `device` (its dataset's transform.normalize)."""
+    normalize = loader.dataset.transform.normalize
     dtype = runtime.half_dtype(device)  # fp16 needs no grad scaler without gradients
     with torch.inference_mode():
         for indices, images, failures in loader:
@@ -136,7 +138,7 @@ def predict(model, loader, device, topk, amp=False, tta=False):
                 yield i, error, None
             if images is None:
                 continue
-            images = images.to(device, memory_format=torch.channels_last)
+            images = normalize(images.to(device, memory_format=torch.channels_last))
             with torch.autocast(device.type, dtype=dtype, enabled=amp):
                 probs = utils.mirror_averaged(model, images) if tta else model(images).float().softmax(1)
             top = probs.topk(topk)
@@ -232,6 +234,7 @@ def write_cams(model, dataset, device, names, topk, target, folder, files):
         _, x, error = dataset[i]
         if x is None:
             continue
+        x = dataset.transform.normalize(x[None])[0]
         cam, logits, cls = grad_cam(model, x[None].to(device, memory_format=torch.channels_last), target)
         image = (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
         heat = torch.nn.functional.interpolate(cam[None, None].float().cpu(), size=x.shape[1:], mode="bilinear",

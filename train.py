@@ -234,7 +234,7 @@ def resume_args(args, parser):
     return restored, resume
 
 
-# normalize: the end of the training pipeline, on the device (the train loader yields uint8 images)
+# normalize: the end of every pipeline, on the device (the loaders yield uint8 images)
 Data = namedtuple("Data", "split train_loader val_loader train_sampler bn_loader check normalize")
 
 
@@ -447,12 +447,12 @@ def validate(args, models, data, device, epoch):
     made to fit them; NonFiniteLossError when the weights or the validation loss are not finite."""
     if data.bn_loader is not None:  # statistics that describe the weights being evaluated
         plain = models.raw if models.ema is None else models.ema.module
-        utils.precise_bn(plain, data.bn_loader, device, args.channels_last, runtime.rank() == 0)
+        utils.precise_bn(plain, data.bn_loader, device, args.channels_last, runtime.rank() == 0, data.normalize)
     else:  # BatchNorm statistics drift apart on each rank: evaluate (and save) rank 0's everywhere
         runtime.broadcast_buffers(models.eval)
     utils.check_finite(models.raw, epoch)
     result = utils.evaluate(models.eval, data.val_loader, device, len(data.split.classes), args.channels_last,
-                            runtime.rank() == 0)
+                            runtime.rank() == 0, normalize=data.normalize)
     if result["confusion"].sum() and not math.isfinite(result["val_loss"]):
         raise errors.NonFiniteLossError(f"the validation loss became {result['val_loss']} in epoch {epoch}")
     return result

@@ -22,7 +22,7 @@ def build_transform(variant, img_size, train, scale=(0.08, 1.0), hflip=True, eva
     """Train: TrainCrop (random resized crop and flip), an optional policy of AUTO_AUGMENT
     (TrivialAugmentWide, RandAugment, AugMix or AutoAugment's ImageNet policy) and optional random
     erasing, all on the uint8 pixels; Normalize then turns the batch into floats on the device.
-    Eval: EvalTransform, resize then centre crop with the variant's crop ratio, normalised."""
+    Eval: EvalTransform, resize then centre crop with the variant's crop ratio (its normalize makes floats)."""
     if not train:
         return EvalTransform(*(eval_sizes or variant.eval_sizes(img_size)), variant.interpolation,
                              variant.mean, variant.std)
@@ -100,19 +100,19 @@ def resize_uint8(x, size, interpolation):
 
 
 class EvalTransform:
-    """PIL image -> normalised float tensor: the shorter side resized to `resize` (antialiased, on
-    the uint8 pixels), the centre `crop` x `crop` cut out, scaled to [0, 1] and normalised. The
-    arithmetic of torchvision's v2 eval transform step for step, equal to the bit (a test holds
-    it there), in plain PyTorch: predict.py and validation start without importing torchvision."""
+    """PIL image -> uint8 tensor: the shorter side resized to `resize` (antialiased, on the uint8
+    pixels), the centre `crop` x `crop` cut out; `normalize` (a Normalize) then scales a batch of
+    them to [0, 1] and normalises it where the model runs. The arithmetic of torchvision's v2 eval
+    transform step for step, equal to the bit (a test holds it there), in plain PyTorch:
+    predict.py and validation start without importing torchvision."""
 
     def __init__(self, resize, crop, interpolation, mean, std):
         self.resize, self.crop, self.interpolation = resize, crop, interpolation
         self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+        self.normalize = Normalize(mean, std)
 
     def __call__(self, img):
-        x = self.resized(pixels(img))
-        x = centre_crop(x, self.crop)
-        return x.to(torch.float32).mul_(1.0 / 255).sub(self.mean).div_(self.std)
+        return centre_crop(self.resized(pixels(img)), self.crop)
 
     def resized(self, x):
         channels, h, w = x.shape

@@ -373,8 +373,11 @@ CHECK_EVERY = 50  # on a GPU, the steps between two reads of the loss (the NaN c
 
 
 def check_finite(model, epoch):
-    """NonFiniteLossError when a parameter or BatchNorm statistic is NaN or infinite."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    """NonFiniteLossError when a parameter or BatchNorm statistic is NaN or infinite. One read of
+    the device for all tensors (one each would make a GPU wait 360 times for B0)."""
+    named = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu() if named else torch.ones(0, dtype=torch.bool)
+    bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
     if bad:
         raise NonFiniteLossError(f"the weights became NaN or infinite in epoch {epoch} ({len(bad)} tensors, "
                                  f"e.g. {bad[0]})")
@@ -486,7 +489,7 @@ def duration(seconds):
 
 
 @torch.inference_mode()
-def precise_bn(model, loader, device, channels_last=False, show=True):
+def precise_bn(model, loader, device, channels_last=False, show=True, normalize=None):
     """Re-estimate every BatchNorm's running statistics for the weights as they are now: a plain
     average over the batches of `loader` (training images as validation sees them), in place of
     the moving average that lags behind weights changing fast. The rest of the model stays in eval
@@ -506,7 +509,7 @@ def precise_bn(model, loader, device, channels_last=False, show=True):
     for images, labels in tqdm(loader, desc="re-estimating BatchNorm statistics",
                                disable=not (show and progress_bars()), leave=False, dynamic_ncols=True):
         if len(images) > 1:
-            model(to_device(images, labels, device, channels_last)[0])
+            model(to_device(images, labels, device, channels_last, normalize)[0])
     for m, (momentum, tracked) in zip(norms, momenta):
         m.momentum = momentum
         m.num_batches_tracked.copy_(tracked)
@@ -516,13 +519,14 @@ def precise_bn(model, loader, device, channels_last=False, show=True):
 
 
 @torch.inference_mode()
-def evaluate(model, loader, device, num_classes, channels_last=False, show=True, tta=False):
+def evaluate(model, loader, device, num_classes, channels_last=False, show=True, tta=False, normalize=None):
     """Loss, top-1, top-5 (top-k capped at the class count) and the confusion matrix over every
     image in `loader`, summed over all ranks: each rank must see a disjoint part of the data.
     Always in fp32, as predict.py runs by default, so the accuracy reported is the one users get.
     tta: the mean of the probabilities of each image and its mirror image. When the loader gives
     dataset indices too (IndexedSubset), "predictions" holds every image's (index, predicted class,
-    its probability, the true class's probability), gathered from all ranks, in index order."""
+    its probability, the true class's probability), gathered from all ranks, in index order.
+    `normalize` (transforms.Normalize) turns the loader's uint8 images into floats on the device."""
     model.eval()
     n = num_classes
     confusion = torch.zeros(n * n, dtype=torch.int64, device=device)
@@ -532,16 +536,15 @@ def evaluate(model, loader, device, num_classes, channels_last=False, show=True,
                                        dynamic_ncols=True):
         if len(images) == 0:
             continue
-        images, labels = to_device(images, labels, device, channels_last)
+        images, labels = to_device(images, labels, device, channels_last, normalize)
         log_probs = mirror_averaged(model, images).log() if tta else model(images).float().log_softmax(1)
         sums[0] += torch.nn.functional.nll_loss(log_probs, labels, reduction="sum")
         sums[1] += (log_probs.topk(min(5, n)).indices == labels[:, None]).any(1).sum()
         confusion += torch.bincount(labels * n + log_probs.argmax(1), minlength=n * n)
-        if index:
+        if index:  # kept where they are computed, and read from there once, after the last batch
             probs = log_probs.exp()
             top = probs.max(1)
-            records.append(torch.stack([index[0].double(), top.indices.cpu().double(), top.values.cpu().double(),
-                                        probs.gather(1, labels[:, None])[:, 0].cpu().double()], 1))
+            records.append((index[0], top.indices, top.values, probs.gather(1, labels[:, None])[:, 0]))
     all_reduce_sum(confusion)
     all_reduce_sum(sums)
     confusion = confusion.view(n, n).cpu()
@@ -549,7 +552,8 @@ def evaluate(model, loader, device, num_classes, channels_last=False, show=True,
     result = {"val_loss": sums[0].item() / total, "val_top1": confusion.trace().item() / total,
               "val_top5": sums[1].item() / total, "confusion": confusion}
     if records or is_distributed() and isinstance(loader.dataset, IndexedSubset):
-        mine = torch.cat(records) if records else torch.zeros(0, 4, dtype=torch.float64)
+        columns = [torch.cat(column).cpu().double() for column in zip(*records)]
+        mine = torch.stack(columns, 1) if records else torch.zeros(0, 4, dtype=torch.float64)
         table = torch.cat(gather_objects(mine))
         table = table[table[:, 0].argsort()]
         result["predictions"] = {"index": table[:, 0].long(), "predicted": table[:, 1].long(),

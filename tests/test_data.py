@@ -732,11 +732,13 @@ def test_train_transform_shape_and_normalisation(tmp_path):
 
 
 def test_eval_transform_shape_and_deterministic(tmp_path):
-    """The eval transform gives [3,64,64] and the same tensor every time."""
+    """The eval transform gives [3,64,64] uint8 (its normalize makes the floats, where the model
+    runs) and the same tensor every time."""
     img = _natural_image(tmp_path, (100, 80))
     tf = build_transform(B0, 64, train=False)
     a, b = tf(img), tf(img)
-    assert a.shape == (3, 64, 64) and a.dtype == torch.float32
+    assert a.shape == (3, 64, 64) and a.dtype == torch.uint8
+    assert tf.normalize(a[None]).dtype == torch.float32
     assert torch.equal(a, b)
     tall = tf(Image.new("RGB", (30, 90), (0, 0, 0)))
     assert tall.shape == (3, 64, 64)
@@ -751,7 +753,8 @@ def test_eval_transform_equals_torchvision_to_the_bit(interpolation):
     import matplotlib
     photo = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")
     for resize, crop in ((256, 224), (73, 64), (36, 32)):
-        ours = transforms.EvalTransform(resize, crop, interpolation, B0.mean, B0.std)
+        tf = transforms.EvalTransform(resize, crop, interpolation, B0.mean, B0.std)
+        ours = lambda img: tf.normalize(tf(img)[None])[0]  # noqa: E731  as the batch is, on the device
         theirs = T.Compose([T.ToImage(), T.Resize(resize, interpolation=T.InterpolationMode(interpolation),
                                                   antialias=True), T.CenterCrop(crop),
                             T.ToDtype(torch.float32, scale=True), T.Normalize(B0.mean, B0.std)])
@@ -759,9 +762,9 @@ def test_eval_transform_equals_torchvision_to_the_bit(interpolation):
             img = photo.resize((w, h))
             assert torch.equal(ours(img), theirs(img)), (resize, crop, w, h)
     official = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.transforms()
-    ours = build_transform(VARIANTS["b0"], 224, train=False)
+    tf = build_transform(VARIANTS["b0"], 224, train=False)
     if interpolation == "bicubic":  # the official transform's: the same pixels, scaled by /255 not *(1/255)
-        torch.testing.assert_close(ours(photo), official(photo), rtol=0, atol=1e-6)
+        torch.testing.assert_close(tf.normalize(tf(photo)[None])[0], official(photo), rtol=0, atol=1e-6)
 
 
 def _half_black_half_white():

@@ -292,7 +292,7 @@ def test_tta_is_the_mean_over_the_image_and_its_mirror(tiny_run, tmp_path):
     image = Image.open(source).convert("RGB").resize((48, 40))
     image.save(tmp_path / "a.png")
     model, _, transform, _ = model_files.load_model(run / "best.pth")
-    x = transform(image)[None]
+    x = transform.normalize(transform(image)[None])
     with torch.no_grad():
         expected = ((model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2)[0]
         plain = model(x).softmax(1)[0]
