@@ -126,11 +126,10 @@ class ImagePaths(Dataset):
         return [b[0] for b in good], images, [(b[0], b[2]) for b in batch if b[1] is None]
 
 
-def predict(model, loader, device, topk, amp=False, tta=False):
+def predict(model, loader, device, topk, amp=False, tta=False, normalize=None):
     """Yields (index, probabilities of the top k, their class indices) or (index, error, None).
-    tta: the mean of the probabilities of each image and its mirror image. The loader's uint8
-    images are normalised on `device` (its dataset's transform.normalize)."""
-    normalize = loader.dataset.transform.normalize
+    tta: the mean of the probabilities of each image and its mirror image. `normalize` (the eval
+    transform's) turns the loader's uint8 images into floats on `device`."""
     dtype = runtime.half_dtype(device)  # fp16 needs no grad scaler without gradients
     with torch.inference_mode():
         for indices, images, failures in loader:
@@ -138,7 +137,8 @@ def predict(model, loader, device, topk, amp=False, tta=False):
                 yield i, error, None
             if images is None:
                 continue
-            images = normalize(images.to(device, memory_format=torch.channels_last))
+            images = images.to(device, memory_format=torch.channels_last)
+            images = images if normalize is None else normalize(images)
             with torch.autocast(device.type, dtype=dtype, enabled=amp):
                 probs = utils.mirror_averaged(model, images) if tta else model(images).float().softmax(1)
             top = probs.topk(topk)
@@ -327,7 +327,7 @@ def main(args):
 
     def results():
         yield from ({"path": p, "error": e} for p, e in missing)
-        for i, probs, classes in predict(runner, loader, device, topk, args.amp, tta):
+        for i, probs, classes in predict(runner, loader, device, topk, args.amp, tta, transform.normalize):
             if classes is None:
                 yield {"path": paths[i], "error": probs}
             else:

@@ -118,7 +118,8 @@ def folder_rate(paths, args, device, batch):
                                          batch_size=batch,
                                          num_workers=args.workers, collate_fn=predict.ImagePaths.collate)
     start = time.perf_counter()
-    n = sum(1 for _ in predict.predict(predict.fast_path(model, device, False), loader, device, 5))
+    n = sum(1 for _ in predict.predict(predict.fast_path(model, device, False), loader, device, 5,
+                                       normalize=transform.normalize))
     return n / (time.perf_counter() - start)
 
 
