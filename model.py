@@ -13,6 +13,10 @@ Module names follow the tutorial this repo grows from (`features.stem_conv`, `fe
 `features.top`, `classifier.1`), so its checkpoints load as they are. torchvision's official
 weight files (`features.1.0.block.0.0.weight`, ...) are renamed on load (weight_files.py).
 
+EfficientNetV2 S/M/L (Tan & Le, 2021, https://arxiv.org/abs/2104.00298), `efficientnet_v2_s()`
+and the others below: FusedMBConv stages then MBConv stages (`V2_STAGES`), named as torchvision
+names them, whose files load as they are. The scripts do not offer them yet.
+
 Elsewhere, by subject: the memory-lean autograd Functions that ConvBNAct and SqueezeExcite use in
 training (activations.py), BatchNorm folding and the fast CPU path for inference (inference.py).
 """
@@ -168,9 +172,11 @@ class DropPath(nn.Module):
 
 
 class MBConv(nn.Module):
-    """Mobile inverted bottleneck: 1x1 expand, depthwise conv, squeeze-excite, 1x1 project, skip."""
+    """Mobile inverted bottleneck: 1x1 expand, depthwise conv, squeeze-excite, 1x1 project, skip.
+    Its layers are named as the tutorial names them (block.expand_conv, block.dwconv, ...), or, with
+    `numbered`, as torchvision numbers them (block.0, block.1, ...: EfficientNetV2's layout)."""
 
-    def __init__(self, cin, cout, expand, kernel, stride, drop_prob, norm):
+    def __init__(self, cin, cout, expand, kernel, stride, drop_prob, norm, numbered=False):
         super().__init__()
         mid = cin * expand
         layers = OrderedDict()
@@ -180,9 +186,32 @@ class MBConv(nn.Module):
         # the squeeze width comes from the block's input channels, not the expanded ones
         layers["se"] = SqueezeExcite(mid, max(1, cin // 4), activation=nn.SiLU)
         layers["project_conv"] = ConvBNAct(mid, cout, 1, act=False, norm=norm)
-        self.block = nn.Sequential(layers)
+        self.block = nn.Sequential(*layers.values()) if numbered else nn.Sequential(layers)
         self.use_skip = stride == 1 and cin == cout
         # stochastic depth: during training the whole residual branch is dropped per sample
+        self.drop_path = DropPath(drop_prob)
+
+    def forward(self, x):
+        out = self.block(x)
+        if self.use_skip:
+            out = self.drop_path(out) + x
+        return out
+
+
+class FusedMBConv(nn.Module):
+    """EfficientNetV2's early block (Tan & Le, 2021): MBConv's 1x1 expand and depthwise conv fused
+    into one full kxk conv, no squeeze-excite, then the 1x1 project (none when it does not
+    expand), and the skip. Layers numbered as torchvision's."""
+
+    def __init__(self, cin, cout, expand, kernel, stride, drop_prob, norm):
+        super().__init__()
+        if expand == 1:
+            layers = [ConvBNAct(cin, cout, kernel, stride, norm=norm)]
+        else:  # the fused expand, then the project
+            layers = [ConvBNAct(cin, cin * expand, kernel, stride, norm=norm),
+                      ConvBNAct(cin * expand, cout, 1, act=False, norm=norm)]
+        self.block = nn.Sequential(*layers)
+        self.use_skip = stride == 1 and cin == cout
         self.drop_path = DropPath(drop_prob)
 
     def forward(self, x):
@@ -234,8 +263,8 @@ class EfficientNet(nn.Module):
             # fresh network is as shallow as its stages and learns depth as it trains (Goyal et
             # al. 2017): from scratch on small data it learned faster and further, see README
             for m in self.modules():
-                if isinstance(m, MBConv) and m.use_skip:
-                    nn.init.zeros_(m.block.project_conv[1].weight)
+                if isinstance(m, (MBConv, FusedMBConv)) and m.use_skip:
+                    nn.init.zeros_(m.block[-1][1].weight)  # the last layer's BatchNorm
         self.reset_classifier(self.classifier[1].out_features)
 
     def reset_classifier(self, num_classes):
@@ -277,6 +306,61 @@ def _bn_stats_frozen(module):
         for m, (momentum, tracked) in zip(bns, saved):
             m.momentum = momentum
             m.num_batches_tracked.copy_(tracked)
+
+
+# EfficientNetV2's stages (Tan & Le, 2021, table 4; torchvision's tables): fused: FusedMBConv
+V2Stage = namedtuple("V2Stage", "fused expand kernel stride cin cout repeats")
+V2_STAGES = {
+    "v2_s": [V2Stage(True, 1, 3, 1, 24, 24, 2), V2Stage(True, 4, 3, 2, 24, 48, 4), V2Stage(True, 4, 3, 2, 48, 64, 4),
+             V2Stage(False, 4, 3, 2, 64, 128, 6), V2Stage(False, 6, 3, 1, 128, 160, 9),
+             V2Stage(False, 6, 3, 2, 160, 256, 15)],
+    "v2_m": [V2Stage(True, 1, 3, 1, 24, 24, 3), V2Stage(True, 4, 3, 2, 24, 48, 5), V2Stage(True, 4, 3, 2, 48, 80, 5),
+             V2Stage(False, 4, 3, 2, 80, 160, 7), V2Stage(False, 6, 3, 1, 160, 176, 14),
+             V2Stage(False, 6, 3, 2, 176, 304, 18), V2Stage(False, 6, 3, 1, 304, 512, 5)],
+    "v2_l": [V2Stage(True, 1, 3, 1, 32, 32, 4), V2Stage(True, 4, 3, 2, 32, 64, 7), V2Stage(True, 4, 3, 2, 64, 96, 7),
+             V2Stage(False, 4, 3, 2, 96, 192, 10), V2Stage(False, 6, 3, 1, 192, 224, 19),
+             V2Stage(False, 6, 3, 2, 224, 384, 25), V2Stage(False, 6, 3, 1, 384, 640, 7)],
+}
+V2_DROPOUT = {"v2_s": 0.2, "v2_m": 0.3, "v2_l": 0.4}
+
+
+class EfficientNetV2(EfficientNet):
+    """EfficientNetV2 S/M/L: a 3x3 stem, FusedMBConv stages then MBConv stages (V2_STAGES), a 1x1
+    conv to 1280 channels, pooling and the classifier. Parameters named and shaped as torchvision's
+    efficientnet_v2_s/m/l (features.0 the stem, features.1-N the stages, each a list of blocks),
+    so its files load as they are; training as EfficientNet (lean layers, drop path, EMA)."""
+
+    def __init__(self, name, dropout=None, num_classes=1000, drop_path_rate=0.2, bn_eps=1e-3, bn_momentum=0.1,
+                 grad_checkpointing=False, lean=True, zero_init_residual=True):
+        nn.Module.__init__(self)
+        self.bn_eps = bn_eps  # torchvision's V2 weights were trained with 1e-3 too
+        norm = partial(nn.BatchNorm2d, eps=bn_eps, momentum=bn_momentum)
+        stages = V2_STAGES[name]
+        layers = [ConvBNAct(3, stages[0].cin, 3, 2, norm=norm)]
+        index, total = 0, sum(s.repeats for s in stages)
+        for s in stages:
+            blocks = []
+            for i in range(s.repeats):
+                cin, stride, drop = s.cin if i == 0 else s.cout, s.stride if i == 0 else 1, drop_path_rate * index / total
+                blocks.append(FusedMBConv(cin, s.cout, s.expand, s.kernel, stride, drop, norm) if s.fused
+                              else MBConv(cin, s.cout, s.expand, s.kernel, stride, drop, norm, numbered=True))
+                index += 1
+            layers.append(nn.Sequential(*blocks))
+        layers.append(ConvBNAct(stages[-1].cout, 1280, 1, norm=norm))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(V2_DROPOUT[name] if dropout is None else dropout, inplace=True),
+                                        nn.Linear(1280, num_classes))
+        self.grad_checkpointing = grad_checkpointing
+        for m in self.modules():
+            if isinstance(m, (ConvBNAct, SqueezeExcite)):
+                m.lean = lean
+        self.reset_parameters(zero_init_residual)
+
+
+def efficientnet_v2_s(num_classes=1000, **options): return EfficientNetV2("v2_s", num_classes=num_classes, **options)
+def efficientnet_v2_m(num_classes=1000, **options): return EfficientNetV2("v2_m", num_classes=num_classes, **options)
+def efficientnet_v2_l(num_classes=1000, **options): return EfficientNetV2("v2_l", num_classes=num_classes, **options)
 
 
 def efficientnet(name, num_classes=1000, dropout=None, **options):

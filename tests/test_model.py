@@ -3,6 +3,7 @@ export and the paper's structural rules. CPU only, 64x64 inputs, well under two 
 import copy
 import functools
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint as real_checkpoint
@@ -734,3 +736,28 @@ def test_drop_path_draws_as_torchvision_stochastic_depth():
     assert torch.equal(a, theirs(x))
     assert 0 < int((a.flatten(1) == 0).all(1).sum()) < 64
     assert ours.eval()(x) is x
+
+
+# ---- EfficientNetV2 ----------------------------------------------------------------------------
+
+V2_PARAMS = {"v2_s": 21_458_488, "v2_m": 54_139_356, "v2_l": 118_515_272}
+
+
+@pytest.mark.parametrize("name", list(V2_PARAMS))
+def test_v2_is_torchvisions_network_to_the_logit(name):
+    """EfficientNetV2 S/M/L: the paper's parameter counts, torchvision's parameter names and shapes
+    (its state dicts load with no renaming), and its logits for the same weights (random, with
+    perturbed BatchNorm statistics) on a real photo at the variant's size, as torchvision's
+    weights preprocess it."""
+    import matplotlib
+    ours = getattr(M, f"efficientnet_{name}")()
+    theirs = randomise(getattr(torchvision.models, f"efficientnet_{name}")(), seed=3)
+    assert sum(p.numel() for p in ours.parameters()) == V2_PARAMS[name]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())  # strict: every name and shape
+    weights = getattr(torchvision.models, f"EfficientNet_{name.upper()}_Weights").IMAGENET1K_V1
+    photo = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")
+    x = weights.transforms()(photo)[None]
+    with torch.no_grad():
+        expected, got = theirs(x), ours.eval()(x)
+    assert (got - expected).abs().max() <= 1e-5, (got - expected).abs().max()
