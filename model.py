@@ -171,7 +171,18 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
-class MBConv(nn.Module):
+class Residual(nn.Module):
+    """A block's layers (`block`), and the skip around them where the shapes allow (`use_skip`),
+    the branch dropped per sample in training (stochastic depth, `drop_path`)."""
+
+    def forward(self, x):
+        out = self.block(x)
+        if self.use_skip:
+            out = self.drop_path(out) + x
+        return out
+
+
+class MBConv(Residual):
     """Mobile inverted bottleneck: 1x1 expand, depthwise conv, squeeze-excite, 1x1 project, skip.
     Its layers are named as the tutorial names them (block.expand_conv, block.dwconv, ...), or, with
     `numbered`, as torchvision numbers them (block.0, block.1, ...: EfficientNetV2's layout)."""
@@ -191,14 +202,8 @@ class MBConv(nn.Module):
         # stochastic depth: during training the whole residual branch is dropped per sample
         self.drop_path = DropPath(drop_prob)
 
-    def forward(self, x):
-        out = self.block(x)
-        if self.use_skip:
-            out = self.drop_path(out) + x
-        return out
 
-
-class FusedMBConv(nn.Module):
+class FusedMBConv(Residual):
     """EfficientNetV2's early block (Tan & Le, 2021): MBConv's 1x1 expand and depthwise conv fused
     into one full kxk conv, no squeeze-excite, then the 1x1 project (none when it does not
     expand), and the skip. Layers numbered as torchvision's."""
@@ -213,12 +218,6 @@ class FusedMBConv(nn.Module):
         self.block = nn.Sequential(*layers)
         self.use_skip = stride == 1 and cin == cout
         self.drop_path = DropPath(drop_prob)
-
-    def forward(self, x):
-        out = self.block(x)
-        if self.use_skip:
-            out = self.drop_path(out) + x
-        return out
 
 
 class EfficientNet(nn.Module):
@@ -263,7 +262,7 @@ class EfficientNet(nn.Module):
             # fresh network is as shallow as its stages and learns depth as it trains (Goyal et
             # al. 2017): from scratch on small data it learned faster and further, see README
             for m in self.modules():
-                if isinstance(m, (MBConv, FusedMBConv)) and m.use_skip:
+                if isinstance(m, Residual) and m.use_skip:
                     nn.init.zeros_(m.block[-1][1].weight)  # the last layer's BatchNorm
         self.reset_classifier(self.classifier[1].out_features)
 
