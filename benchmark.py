@@ -109,7 +109,8 @@ def mode(args):
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    args.batch_size = args.batch_size or (256 if args.quick else 32)
+    if args.batch_size is None:
+        args.batch_size = 256 if args.quick else 32
     try:
         if args.contender:  # its parent reads the last line it prints, a JSON object, and nothing else
             device = runtime.choose_device(args.device)

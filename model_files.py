@@ -94,7 +94,8 @@ def eval_transform(info, variant_name):
 
 def load_model(weights, model_name=None, device=torch.device("cpu")):
     """(model ready for inference, what the file says of itself (read_weights' info: variant,
-    class count, and for this repo's checkpoints classes and preprocessing), eval transform, resize).
+    class count, and for this repo's checkpoints classes and preprocessing), eval transform (uint8
+    out; its .normalize makes a batch of them the model's floats), resize).
     An exported .pt2 or .onnx (export.py) comes with what its FILE.json says."""
     weights = os.fspath(weights)
     if weights.endswith((".pt2", ".onnx")):

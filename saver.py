@@ -39,35 +39,44 @@ class Saver:
         return os.path.join(self.args.output_dir, name)
 
     def start(self, new):
-        """The run folder, locked for this process: a new one, or the resumed run's (cleaned of writes
-        a kill cut short), with what is known before training. A new folder gets its first last.pth
-        (epoch 0) at once, so that a run stopped in its first epoch can be resumed; stopped before
-        that, the folder is removed again."""
-        args = self.args
-        if runtime.rank() != 0:
+        """The run folder, locked for the process that writes it: a new one, or the resumed run's
+        (cleaned of writes a kill cut short), with what is known before training. A new folder gets
+        its first last.pth (epoch 0) at once, so that a run stopped in its first epoch can be
+        resumed; stopped before that, the folder is removed again. Rank 0 makes the folder, and
+        every process learns its name (each one's messages name it) or rank 0's refusal."""
+        made, self.args.output_dir = runtime.on_rank0(lambda: self.prepare_folder(new))
+        try:
             if new:
-                self.save_last()  # its part of the first last.pth: this process's RNG state
-            return
+                self.save_last()  # every process's part of it: its RNG state
+        except BaseException as e:
+            self.unmake(made, e)
+        if self.args.tensorboard and runtime.rank() == 0:
+            self.board = reports.TensorBoardLog(self.args.output_dir, self.progress.epoch + 1)
+
+    def prepare_folder(self, new):
+        """(whether this call made the folder, its path), on rank 0."""
         made = False
         try:
             if new:
-                made = make_run_dir(args)
-            outputs.lock_folder(args.output_dir)
-            outputs.remove_stale_temp_files(args.output_dir)
+                made = make_run_dir(self.args)
+            outputs.lock_folder(self.args.output_dir)
+            outputs.remove_stale_temp_files(self.args.output_dir)
             model_files.write_class_indices(self.out("class_indices.json"), self.split.classes)
             if len(self.split.broken) > utils.NAMED_ONE_BY_ONE:  # the summary printed points here
                 utils.write_left_out(self.out(utils.LEFT_OUT_LIST), self.split.broken)
-            if new:
-                self.save_last()
         except BaseException as e:
-            if made and not os.path.exists(self.out("last.pth")):
-                shutil.rmtree(args.output_dir, ignore_errors=True)
-            if isinstance(e, OSError):  # not a folder, read-only, a full disk
-                raise errors.UsageError(f"cannot write to the run folder {args.output_dir} ({e.strerror}): choose "
-                                        "another with --output-dir or free some space") from None
-            raise
-        if args.tensorboard:
-            self.board = reports.TensorBoardLog(args.output_dir, self.progress.epoch + 1)
+            self.unmake(made, e)
+        return made, self.args.output_dir
+
+    def unmake(self, made, e):
+        """Raises `e` (an OSError as a one-line UsageError) after removing the folder this run made,
+        while it holds no last.pth to resume from."""
+        if made and runtime.rank() == 0 and not os.path.exists(self.out("last.pth")):
+            shutil.rmtree(self.args.output_dir, ignore_errors=True)
+        if isinstance(e, OSError):  # not a folder, read-only, a full disk
+            raise errors.UsageError(f"cannot write to the run folder {self.args.output_dir} ({e.strerror}): choose "
+                                    "another with --output-dir or free some space") from None
+        raise e
 
     def save_last(self):
         """last.pth with every process's RNG state, so that each resumes its own streams."""

@@ -365,12 +365,13 @@ def main(args, parser):
     rank, world, _ = runtime.setup_distributed(device)
     if args.workers is None:
         args.workers = runtime.default_workers(device, args.batch_size)
-    if device.type == "cuda" and args.batch_size == parser.get_default("batch_size") and not args.eval_only:
-        runtime.print0(f"note: --batch-size {args.batch_size} leaves a GPU waiting on this process most of each "
-                       "step; README's \"Batch size on a GPU\" says how to choose a larger one", file=sys.stderr)
     if resume is not None and not args.eval_only and (line := nothing_left(args, resume.progress)):
         runtime.print0(line)
         return 0
+    if device.type == "cuda" and args.batch_size == parser.get_default("batch_size") and resume is None \
+            and not args.eval_only:
+        runtime.print0(f"note: --batch-size {args.batch_size} leaves a GPU waiting on this process most of each "
+                       "step; README's \"Batch size on a GPU\" says how to choose a larger one", file=sys.stderr)
     if device.type == "cpu":
         runtime.keep_freed_memory()
     runtime.configure_cuda(device, train=not args.eval_only)
@@ -412,7 +413,7 @@ def fit(args, models, data, optimization, run, device):
     optimizer = optimization[0]
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     mix = transforms.build_mix(args.mixup_alpha, args.cutmix_alpha, len(data.split.classes))
-    report = EpochReport(args, data)
+    report = EpochReport(args, data, device)
     try:
         for epoch in range(run.progress.epoch + 1, args.epochs + 1):
             data.train_sampler.set_epoch(epoch)
@@ -463,8 +464,8 @@ class EpochReport:
     two epochs in a row showed no learning, the unreadable images, and each class's recall where
     some classes have far more training images than others."""
 
-    def __init__(self, args, data):
-        self.args, self.data, self.stuck, self.hinted = args, data, 0, False
+    def __init__(self, args, data, device):
+        self.args, self.data, self.device, self.stuck, self.hinted = args, data, device, 0, False
         counts = torch.bincount(torch.as_tensor(data.split.train_labels), minlength=len(data.split.classes))
         self.imbalanced = bool(counts.max() >= 2 * counts.min())
 
@@ -484,18 +485,19 @@ class EpochReport:
         if row["data_wait"] > DATA_WAIT_HINT and not self.hinted:
             self.hinted = True
             runtime.print0(f"  note: training waited for its images {100 * row['data_wait']:.0f} % of epoch "
-                           f"{row['epoch']}; {feeding_tips(self.args)} would feed it faster", file=sys.stderr)
+                           f"{row['epoch']}; {feeding_tips(self.args, self.device)} would feed it faster", file=sys.stderr)
 
 
 DATA_WAIT_HINT = 0.3  # the share of an epoch spent waiting for data above which the run says what to try
 
 
-def feeding_tips(args):
+def feeding_tips(args, device):
     """What would make the loader keep up, for this run: more workers where CPUs are idle, images
     stored nearer the training size (decoding a large photo is most of a worker's time), a lighter
     augmentation policy."""
     cpus = runtime.usable_cpus() // runtime.torchrun_local()[1]  # shared by the processes of this machine
-    tips = [f"more --workers (now {args.workers}; {cpus} CPUs here)"] if args.workers < cpus else []
+    most = cpus - 1 if device.type == "cuda" else cpus  # a GPU's process needs a CPU of its own
+    tips = [f"more --workers (now {args.workers}; {cpus} CPUs here)"] if args.workers < most else []
     tips.append(f"images stored smaller on disk (about {2 * args.img_size} px on the short side)")
     if args.auto_augment:
         tips.append(f"a lighter --auto-augment than {args.auto_augment}")

@@ -143,15 +143,14 @@ def load_weights(model, weights, verbose=True):
     fresh classifier; anything else that does not fit is a WeightsError."""
     sd, info = read_weights(weights)
     where = "the given weights" if isinstance(weights, dict) else str(weights)
-    name = _SIGNATURE_TO_VARIANT[_signature(model.state_dict())]
+    name = _SIGNATURE_TO_VARIANT.get(_signature(model.state_dict()))
+    if name is None:
+        raise WeightsError(f"load_weights reads weights into EfficientNet B0-B7 of model.py, not into a "
+                           f"{type(model).__name__} of another layout")
     num_classes = model.classifier[1].out_features
     if info["variant"] != name:
         raise WeightsError(f"{where} holds EfficientNet-{info['variant'].upper()} weights, not "
                            f"{name.upper()}: use --model {info['variant']}")
-    model.bn_eps = info["bn_eps"]
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eps = info["bn_eps"]
     if info["num_classes"] != num_classes:
         sd = OrderedDict((k, v) for k, v in sd.items() if not k.startswith("classifier."))
         if verbose and info["num_classes"] is not None:
@@ -166,4 +165,8 @@ def load_weights(model, weights, verbose=True):
     if missing or unexpected:
         raise WeightsError(f"{where} does not fit EfficientNet-{name.upper()}: "
                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.bn_eps = info["bn_eps"]  # the eps the file was trained with
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = info["bn_eps"]
     return model

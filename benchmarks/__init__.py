@@ -7,6 +7,8 @@ The modes, which benchmark.py imports and runs by its flags:
     whole.py             --whole: train.py and predict.py from launch to exit against plain scripts
     startup.py           --startup: launch to the first training step on folders of many files
     time_to_accuracy.py  --time-to-accuracy: launch to a val top-1, train.py against the tutorial
+    loader.py            --loader: the data pipelines alone, images per second per core
+    quick.py             --device cuda --quick: what a GPU does with this repo, in a few minutes
     measuring.py         what they share: the table every mode prints, the median, commands timed
                          on a pseudo-terminal, the photos they read, the process's memory
 

@@ -41,7 +41,7 @@ def step_rate(step, batch, device, count=10):
 
 
 def model_steps(args, device, table):
-    for batch in (SMALL_BATCH, args.batch_size):
+    for batch in dict.fromkeys((SMALL_BATCH, args.batch_size)):  # once each
         args.batch_size, keep = batch, args.batch_size
         x, y = steps.inputs(args, device)
         base = step_rate(steps.train_step(args, device, x, y, torchvision_model=True, tutorial=True), batch, device)
@@ -133,7 +133,7 @@ def run(args):
               f"cuDNN {torch.backends.cudnn.version()}", flush=True)
     runtime.configure_cuda(device, train=True)
     autocast = runtime.amp_dtype(args.amp, device)
-    table = Table(f"B0 at {args.img_size} px on {device}, this repo's autocast {autocast or 'off'}")
+    table = Table(f"{args.model.upper()} at {args.img_size} px on {device}, this repo's autocast {autocast or 'off'}")
     model_steps(args, device, table)
     profile(args, device)
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,10 +44,10 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     spy_dir.mkdir()
     script = tmp_path / "spy_train.py"
     script.write_text(SPY.format(root=ROOT, spy_dir=str(spy_dir), data=data))
-    out = tmp_path / "run"
+    out = tmp_path / "weights" / "b0-data"  # the default run folder: rank 0 names it for every rank
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "--data-path", data, "--output-dir", str(out), *FAST, "--device", "cpu"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+           "--data-path", data, *FAST, "--device", "cpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "x 2 processes" in result.stdout and "global batch 16" in result.stdout

@@ -761,3 +761,10 @@ def test_v2_is_torchvisions_network_to_the_logit(name):
     with torch.no_grad():
         expected, got = theirs(x), ours.eval()(x)
     assert (got - expected).abs().max() <= 1e-5, (got - expected).abs().max()
+
+
+def test_load_weights_into_a_v2_network_is_one_line(b0_file):
+    """B0-B7 files go into B0-B7 networks; into an EfficientNetV2, load_weights says so."""
+    path, _ = b0_file
+    with pytest.raises(WeightsError, match="not into a EfficientNetV2 of another layout"):
+        load_weights(M.efficientnet_v2_s(), path)

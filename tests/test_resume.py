@@ -422,3 +422,4 @@ def test_diverging_run_stops_with_exit_1_and_resumes_with_a_lower_lr(tiny_data, 
     assert last["epoch"] == 3 and last["meta"]["args"]["lr"] == 0.01
     assert last["optimizer"]["param_groups"][0]["initial_lr"] == 0.01
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
