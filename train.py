@@ -285,7 +285,7 @@ def build_data(args, device, stored=None):
         bn_loader = my_dataset.make_loader(bn_set, args.batch_size, False, workers, device)
     return Data(split, my_dataset.make_loader(train_set, args.batch_size, True, workers, device, train_sampler),
                 my_dataset.make_loader(val_part, args.batch_size, False, workers, device), train_sampler, bn_loader,
-                check, transforms.Normalize(variant.mean, variant.std))
+                check, val_set.transform.normalize)  # the same mean and std for both pipelines
 
 
 # train: what the loop calls (DDP and/or compiled); raw: the plain model, saved in last.pth;
@@ -485,7 +485,8 @@ class EpochReport:
         if row["data_wait"] > DATA_WAIT_HINT and not self.hinted:
             self.hinted = True
             runtime.print0(f"  note: training waited for its images {100 * row['data_wait']:.0f} % of epoch "
-                           f"{row['epoch']}; {feeding_tips(self.args, self.device)} would feed it faster", file=sys.stderr)
+                           f"{row['epoch']}; {feeding_tips(self.args, self.device)} would feed it faster",
+                           file=sys.stderr)
 
 
 DATA_WAIT_HINT = 0.3  # the share of an epoch spent waiting for data above which the run says what to try
