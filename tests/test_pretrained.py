@@ -7,12 +7,14 @@ import http.server
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import zipfile
 
 import matplotlib
 import pytest
@@ -449,15 +451,32 @@ def test_a_download_killed_midway_leaves_a_temp_file_the_next_run_removes(cache,
     assert listing(cache) == sorted([mine.name, other.name, name])
 
 
-@pytest.mark.parametrize("damage", [b"", b"not a zip", "half"])
+@pytest.mark.parametrize("damage", [b"", b"not a zip", "half", "a flipped byte", "deflated"])
 def test_a_damaged_file_in_the_cache_is_named_with_what_to_do(cached_b0, cache, damage):
-    """An empty, truncated or overwritten file under the official name in torch's cache: one line
-    that it is the cached file, where it is, and that deleting it makes the next run download it
-    again (it said "not a PyTorch checkpoint: pass a .pth file", pointing at the user's own file)."""
+    """An empty, truncated, overwritten, changed or repacked file under the official name in torch's
+    cache: one line that it is the cached file, where it is, what is wrong and that deleting it makes
+    the next run download it again (it said "not a PyTorch checkpoint: pass a .pth file", pointing
+    at the user's own file; a changed byte in a tensor was loaded as it was)."""
     path = cache / B0
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2] if damage == "half" else damage)
+    data = path.read_bytes()
+    if damage == "half":
+        data = data[:len(data) // 2]
+    elif damage == "a flipped byte":
+        data = bytearray(data)
+        data[len(data) // 2] ^= 0x01
+    elif damage == "deflated":
+        with zipfile.ZipFile(path) as stored, zipfile.ZipFile(cache / "packed", "w", zipfile.ZIP_DEFLATED) as packed:
+            for entry in stored.infolist():
+                packed.writestr(entry.filename, stored.read(entry))
+        data = (cache / "packed").read_bytes()
+        (cache / "packed").unlink()
+    else:
+        data = damage
+    path.write_bytes(data)
     message = one_line_error(lambda: pretrained.resolve("imagenet", "b0"))
-    assert message == (f"the cached file {path} is damaged (truncated or empty); delete it, and the next run "
-                       "downloads it again")
+    why = {"a flipped byte": r"its entry \S+/data/\d+ fails its CRC check",
+           "deflated": r"its entry \S+ is compressed, which torch.save never does"}
+    assert re.fullmatch(re.escape(f"the cached file {path} is damaged (") + why.get(damage, r"truncated or empty")
+                        + re.escape("); delete it, and the next run downloads it again"), message), message
     result = run_script("predict.py", PHOTO, "--weights", "imagenet", check=False)
     assert result.returncode != 0 and result.stderr == f"error: {message}\n"
