@@ -17,7 +17,7 @@ import outputs
 import reports
 import runtime
 import utils
-from model import MAX_IMG_SIZE, MIN_IMG_SIZE
+from model import MAX_IMG_SIZE, MIN_IMG_SIZE, VARIANTS
 
 
 def evaluate_only(args, models, data, device, trained):
@@ -89,15 +89,16 @@ def eval_folder(args, weights):
 
 def trained_as(args, parser):
     """--eval-only --weights FILE, FILE a checkpoint of this repo: its META (else {}), and from it
-    what evaluating it needs unless given now: its image size, and the --seed and --val-rate of
-    its split, so that its validation images are the ones evaluated."""
+    what evaluating it needs unless given now: its variant, its image size, and the --seed and
+    --val-rate of its split, so that its validation images are the ones evaluated."""
     if not os.path.isfile(args.weights):
         return {}
     meta = checkpoint.read_meta(checkpoint.load_checkpoint(args.weights), args.weights)
     if not meta:
         return {}
     trained = meta.get("args") if isinstance(meta.get("args"), dict) else {}
-    fields = {"img_size": (meta.get("img_size"), lambda v: type(v) is int and MIN_IMG_SIZE <= v <= MAX_IMG_SIZE),
+    fields = {"variant": (meta.get("variant"), lambda v: v in VARIANTS),
+              "img_size": (meta.get("img_size"), lambda v: type(v) is int and MIN_IMG_SIZE <= v <= MAX_IMG_SIZE),
               "classes": (meta.get("classes"), lambda v: isinstance(v, list) and len(v) >= 2
                           and all(isinstance(c, str) for c in v)),
               "seed": (trained.get("seed", args.seed), lambda v: type(v) is int and 0 <= v < 2**32),
@@ -111,9 +112,9 @@ def trained_as(args, parser):
     elif args.img_size != meta["img_size"]:
         runtime.print0(f"note: evaluating at --img-size {args.img_size}; {args.weights} was trained at "
                        f"{meta['img_size']} px", file=sys.stderr)
-    for flag in ("seed", "val_rate"):
+    for flag, field in (("model", "variant"), ("seed", "seed"), ("val_rate", "val_rate")):
         if getattr(args, flag) == parser.get_default(flag):
-            setattr(args, flag, fields[flag][0])
+            setattr(args, flag, fields[field][0])
     if args.data_path == parser.get_default("data_path") and trained.get("data_path", args.data_path) != args.data_path:
         args.data_path = trained_data_path(trained["data_path"], args.weights)
     return meta

@@ -25,7 +25,7 @@ import model_files
 import outputs
 import pretrained
 from errors import WeightsError
-from model import MAX_IMG_SIZE, MIN_IMG_SIZE, VARIANTS
+from model import MAX_IMG_SIZE, MIN_IMG_SIZE, VARIANTS, VARIANTS_HELP, title
 
 ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export needs; onnxruntime runs the result
 
@@ -35,7 +35,7 @@ def get_args_parser():
     p.add_argument("--weights", required=True, help="best.pth from train.py, or a torchvision / tutorial state_dict, "
                    "or " + pretrained.NAMES_HELP)
     p.add_argument("--model", default=None, choices=list(VARIANTS),
-                   help="variant (default: read from the weights; with --weights imagenet, b0)")
+                   help="variant (default: read from the weights; with --weights imagenet, b0); " + VARIANTS_HELP)
     p.add_argument("--format", default="onnx", choices=["onnx", "pt2"], help="onnx (needs requirements-export.txt) "
                    "or pt2 (torch.export, needs only torch)")
     p.add_argument("--img-size", type=int, default=None,
@@ -116,7 +116,7 @@ def main(args):
         opset = save(program, args.format, output)
         meta = exported.write_sidecar(output, info, names, resize, crop, args.format, args.dynamic_batch, opset)
     size = os.path.getsize(output) / 2**20
-    print(cli.printable(f"wrote {output} ({size:.1f} MiB, EfficientNet-{info['variant'].upper()}, {len(names)} "
+    print(cli.printable(f"wrote {output} ({size:.1f} MiB, {title(info['variant'])}, {len(names)} "
                         f"classes, input {meta['input']['shape']}{f', ONNX opset {opset}' if opset else ''}) and "
                         f"{output}.json"))
     return 0

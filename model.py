@@ -13,9 +13,9 @@ Module names follow the tutorial this repo grows from (`features.stem_conv`, `fe
 `features.top`, `classifier.1`), so its checkpoints load as they are. torchvision's official
 weight files (`features.1.0.block.0.0.weight`, ...) are renamed on load (weight_files.py).
 
-EfficientNetV2 S/M/L (Tan & Le, 2021, https://arxiv.org/abs/2104.00298), `efficientnet_v2_s()`
-and the others below: FusedMBConv stages then MBConv stages (`V2_STAGES`), named as torchvision
-names them, whose files load as they are. The scripts do not offer them yet.
+EfficientNetV2 S/M/L (Tan & Le, 2021, https://arxiv.org/abs/2104.00298), `create_model("v2_s")`:
+FusedMBConv stages then MBConv stages, one table a variant (`V2_STAGES`), named as torchvision
+names them, so its files load as they are. VARIANTS holds their sizes too.
 
 Elsewhere, by subject: the memory-lean autograd Functions that ConvBNAct and SqueezeExcite use in
 training (activations.py), BatchNorm folding and the fast CPU path for inference (inference.py).
@@ -35,15 +35,17 @@ from activations import SigmoidGate, batchnorm_silu
 
 @dataclass(frozen=True)
 class Variant:
-    width: float        # channel multiplier
+    width: float        # channel multiplier (B0-B7; V2 has a table of its own, V2_STAGES)
     depth: float        # block-count multiplier
     dropout: float      # before the classifier
     train_size: int     # the paper's resolution
     eval_resize: int    # torchvision's eval transform: resize the shorter side to this ...
     eval_crop: int      # ... then centre-crop this
     interpolation: str = "bicubic"
-    mean: tuple = (0.485, 0.456, 0.406)  # ImageNet statistics, for all variants
+    mean: tuple = (0.485, 0.456, 0.406)  # ImageNet statistics, for all variants but V2-L
     std: tuple = (0.229, 0.224, 0.225)
+    params: int = 0     # at 1000 classes, as torchvision's
+    top1: float = 0.0   # torchvision's weights, ImageNet top-1 (%) at eval_crop
 
     @property
     def crop_pct(self):
@@ -55,15 +57,24 @@ class Variant:
 
 
 VARIANTS = {
-    "b0": Variant(1.0, 1.0, 0.2, 224, 256, 224),
-    "b1": Variant(1.0, 1.1, 0.2, 240, 256, 240),
-    "b2": Variant(1.1, 1.2, 0.3, 260, 288, 288),
-    "b3": Variant(1.2, 1.4, 0.3, 300, 320, 300),
-    "b4": Variant(1.4, 1.8, 0.4, 380, 384, 380),
-    "b5": Variant(1.6, 2.2, 0.4, 456, 456, 456),
-    "b6": Variant(1.8, 2.6, 0.5, 528, 528, 528),
-    "b7": Variant(2.0, 3.1, 0.5, 600, 600, 600),
+    "b0": Variant(1.0, 1.0, 0.2, 224, 256, 224, params=5_288_548, top1=77.692),
+    "b1": Variant(1.0, 1.1, 0.2, 240, 256, 240, params=7_794_184, top1=78.642),
+    "b2": Variant(1.1, 1.2, 0.3, 260, 288, 288, params=9_109_994, top1=80.608),
+    "b3": Variant(1.2, 1.4, 0.3, 300, 320, 300, params=12_233_232, top1=82.008),
+    "b4": Variant(1.4, 1.8, 0.4, 380, 384, 380, params=19_341_616, top1=83.384),
+    "b5": Variant(1.6, 2.2, 0.4, 456, 456, 456, params=30_389_784, top1=83.444),
+    "b6": Variant(1.8, 2.6, 0.5, 528, 528, 528, params=43_040_704, top1=84.008),
+    "b7": Variant(2.0, 3.1, 0.5, 600, 600, 600, params=66_347_960, top1=84.122),
+    # EfficientNetV2: trained smaller than evaluated (the paper's progressive resizing ends there)
+    "v2_s": Variant(None, None, 0.2, 300, 384, 384, "bilinear", params=21_458_488, top1=84.228),
+    "v2_m": Variant(None, None, 0.3, 384, 480, 480, "bilinear", params=54_139_356, top1=85.112),
+    "v2_l": Variant(None, None, 0.4, 384, 480, 480, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+                    params=118_515_272, top1=85.808),
 }
+
+# --model's help (for argparse, which needs % doubled)
+VARIANTS_HELP = "variant: training size, parameters, ImageNet top-1 of torchvision's weights: " + ", ".join(
+    f"{name} {v.train_size}px {v.params / 1e6:.1f}M {v.top1:.1f}%%" for name, v in VARIANTS.items())
 
 # the image sizes (pixels) the scripts accept: at 32 the last feature map is 1x1; far above 1024
 # a single image fills the memory, and export.py's programs are bounded there
@@ -93,11 +104,18 @@ def block_name(stage, i):
 
 
 def variant_name(name):
-    """'b3', 'B3', 'efficientnet_b3' and 'efficientnet-b3' all mean 'b3'."""
-    key = str(name).lower().replace("efficientnet", "").strip("_-")
+    """'b3', 'B3', 'efficientnet_b3' and 'efficientnet-b3' all mean 'b3'; 'efficientnet_v2_s' and
+    'V2-S' mean 'v2_s'."""
+    key = str(name).lower().replace("efficientnet", "").strip("_-").replace("-", "_")
     if key not in VARIANTS:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(VARIANTS)}")
     return key
+
+
+def title(name):
+    """The name a person reads: 'EfficientNet-B3', 'EfficientNetV2-S'."""
+    key = variant_name(name)
+    return f"EfficientNetV2-{key[3:].upper()}" if key.startswith("v2_") else f"EfficientNet-{key.upper()}"
 
 
 def make_divisible(channels, divisor=8):
@@ -320,7 +338,6 @@ V2_STAGES = {
              V2Stage(False, 4, 3, 2, 96, 192, 10), V2Stage(False, 6, 3, 1, 192, 224, 19),
              V2Stage(False, 6, 3, 2, 224, 384, 25), V2Stage(False, 6, 3, 1, 384, 640, 7)],
 }
-V2_DROPOUT = {"v2_s": 0.2, "v2_m": 0.3, "v2_l": 0.4}
 
 
 class EfficientNetV2(EfficientNet):
@@ -348,8 +365,8 @@ class EfficientNetV2(EfficientNet):
         layers.append(ConvBNAct(stages[-1].cout, 1280, 1, norm=norm))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Dropout(V2_DROPOUT[name] if dropout is None else dropout, inplace=True),
-                                        nn.Linear(1280, num_classes))
+        self.classifier = nn.Sequential(nn.Dropout(VARIANTS[name].dropout if dropout is None else dropout,
+                                                   inplace=True), nn.Linear(1280, num_classes))
         self.grad_checkpointing = grad_checkpointing
         for m in self.modules():
             if isinstance(m, (ConvBNAct, SqueezeExcite)):
@@ -363,8 +380,11 @@ def efficientnet_v2_l(num_classes=1000, **options): return EfficientNetV2("v2_l"
 
 
 def efficientnet(name, num_classes=1000, dropout=None, **options):
-    """EfficientNet `name` with the variant's dropout before the classifier, or `dropout`."""
-    v = VARIANTS[variant_name(name)]
+    """EfficientNet or EfficientNetV2 `name` with the variant's dropout before the classifier, or `dropout`."""
+    name = variant_name(name)
+    if name.startswith("v2_"):
+        return EfficientNetV2(name, dropout, num_classes, **options)
+    v = VARIANTS[name]
     return EfficientNet(v.width, v.depth, v.dropout if dropout is None else dropout, num_classes, **options)
 
 
@@ -379,7 +399,7 @@ def efficientnet_b7(num_classes=1000, **options): return efficientnet("b7", num_
 
 
 def create_model(name="b0", num_classes=1000, **options):
-    """EfficientNet `name` ('b0'..'b7'), freshly initialised; weight_files.load_weights loads a
+    """EfficientNet `name` ('b0'..'b7', 'v2_s', 'v2_m', 'v2_l'), freshly initialised; weight_files.load_weights loads a
     file into it. `options` go to efficientnet(): dropout, drop_path_rate, bn_eps,
     grad_checkpointing, lean."""
     return efficientnet(variant_name(name), num_classes, **options)

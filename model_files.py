@@ -5,6 +5,7 @@ files (read by exported.py), and class_indices.json.
     model, info, transform, resize = model_files.load_model("weights/b0-digits/best.pth")
     names = model_files.class_names(info, "weights/b0-digits/best.pth", None, info["num_classes"])
 """
+import dataclasses
 import json
 import os
 
@@ -14,7 +15,7 @@ import checkpoint
 import exported
 from errors import DataError, UsageError, WeightsError
 from inference import fuse_bn
-from model import VARIANTS, Variant, create_model
+from model import VARIANTS, create_model, title
 from outputs import atomic_write_text
 from transforms import build_transform
 from weight_files import load_weights, read_weights
@@ -87,8 +88,9 @@ def eval_transform(info, variant_name):
     """The checkpoint's own eval preprocessing, or torchvision's for the variant of a raw file."""
     v = VARIANTS[variant_name]
     if "eval_crop" in info:
-        v = Variant(v.width, v.depth, v.dropout, info["img_size"], info["eval_resize"], info["eval_crop"],
-                    info["interpolation"], tuple(info["mean"]), tuple(info["std"]))
+        v = dataclasses.replace(v, train_size=info["img_size"], eval_resize=info["eval_resize"],
+                                eval_crop=info["eval_crop"], interpolation=info["interpolation"],
+                                mean=tuple(info["mean"]), std=tuple(info["std"]))
     return build_transform(v, v.eval_crop, train=False, eval_sizes=(v.eval_resize, v.eval_crop)), v.eval_resize
 
 
@@ -110,8 +112,8 @@ def load_model(weights, model_name=None, device=torch.device("cpu")):
         raise WeightsError(f"{weights} holds no classifier (classifier.1.weight), so it cannot predict; it can be "
                            f"fine-tuned: python train.py --weights {weights}")
     if model_name is not None and model_name != info["variant"]:
-        raise WeightsError(f"{weights} holds EfficientNet-{info['variant'].upper()} weights, not "
-                           f"{model_name.upper()}: use --model {info['variant']} or leave --model out")
+        raise WeightsError(f"{weights} holds {title(info['variant'])} weights, not "
+                           f"{title(model_name)}: use --model {info['variant']} or leave --model out")
     model = load_weights(create_model(info["variant"], info["num_classes"]), ckpt, verbose=False)
     model = fuse_bn(model).to(device, memory_format=torch.channels_last)
     transform, resize = eval_transform(info, info["variant"])

@@ -35,7 +35,7 @@ import transforms
 import utils
 from errors import WeightsError
 from inference import CPUInference
-from model import VARIANTS, EfficientNet
+from model import VARIANTS, VARIANTS_HELP, EfficientNet
 from my_dataset import load_rgb
 
 
@@ -51,7 +51,7 @@ def get_args_parser():
                    help="(required) best.pth from train.py, its export (.onnx, .pt2), a torchvision or tutorial "
                         "state_dict, or " + pretrained.NAMES_HELP)
     p.add_argument("--model", default=None, choices=list(VARIANTS),
-                   help="variant (default: read from the weights; with --weights imagenet, b0)")
+                   help="variant (default: read from the weights; with --weights imagenet, b0); " + VARIANTS_HELP)
     p.add_argument("--class-indices", default=None,
                    help="class_indices.json with the class names (default: from the checkpoint, or beside it)")
     p.add_argument("--topk", type=int, default=1, help="how many classes to show per image")
@@ -281,6 +281,12 @@ def newest_run_weights():
     return max(runs, key=os.path.getmtime) if runs else None
 
 
+def top_classes(probs, classes, names):
+    """The "topk" of a result, best first: each class's index, name and probability to 6 decimals
+    (predict.py --json's numbers, and serve.py's)."""
+    return [{"index": c, "class": names[c], "prob": round(p, 6)} for p, c in zip(probs, classes)]
+
+
 def main(args):
     if args.weights is None:
         newest = newest_run_weights()
@@ -331,8 +337,7 @@ def main(args):
             if classes is None:
                 yield {"path": paths[i], "error": probs}
             else:
-                yield {"path": paths[i], "topk": [{"index": c, "class": names[c], "prob": round(p, 6)}
-                                                  for p, c in zip(probs, classes)]}
+                yield {"path": paths[i], "topk": top_classes(probs, classes, names)}
 
     tally, total = Tally(args.plot_limit if args.plot else 0), len(paths) + len(missing)
     if args.csv:  # rows go to the file as they come; it replaces the old one when the last is written

@@ -12,8 +12,9 @@ variant, taken from torch's hub cache or downloaded there once.
 The cache is torchvision's own ($TORCH_HOME/hub/checkpoints, as torch.hub.get_dir() finds it), so
 a file torchvision downloaded is used as it is, and the other way round. A download is checked
 against the sha256 prefix in its file name (as torch.hub's check_hash does) and lands whole or
-not at all. Names are torchvision's: imagenet, IMAGENET1K_V1, DEFAULT and
-EfficientNet_B<N>_Weights.IMAGENET1K_V1; all of them mean the V1 file (see NAMES_HELP).
+not at all. Names are torchvision's: imagenet, IMAGENET1K_V1, DEFAULT,
+EfficientNet_B<N>_Weights.IMAGENET1K_V1 and EfficientNet_V2_S_Weights.IMAGENET1K_V1 (M, L); all of
+them mean the V1 file (see NAMES_HELP).
 """
 import base64
 import hashlib
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from errors import WeightsError
 from cli import progress_bars
+from model import title
 from outputs import atomic_write
 
 # torchvision's IMAGENET1K_V1 file of each variant; the hash after the last '-' is the start of its sha256
@@ -45,22 +47,26 @@ FILES = {
     "b5": "efficientnet_b5_lukemelas-1a07897c.pth",
     "b6": "efficientnet_b6_lukemelas-24a108a5.pth",
     "b7": "efficientnet_b7_lukemelas-c5b4e57e.pth",
+    "v2_s": "efficientnet_v2_s-dd5fe13b.pth",
+    "v2_m": "efficientnet_v2_m-dc08266a.pth",
+    "v2_l": "efficientnet_v2_l-59c71312.pth",
 }
 # their sizes in MB, as torchvision's weights record them (meta["_file_size"]): a server that sends
 # more than a little over this is not sending the file
 MEGABYTES = {"b0": 20.451, "b1": 30.134, "b2": 35.174, "b3": 47.184, "b4": 74.489, "b5": 116.864, "b6": 165.362,
-             "b7": 254.675}
+             "b7": 254.675, "v2_s": 82.704, "v2_m": 208.01, "v2_l": 454.573}
 BASE_URL = "https://download.pytorch.org/models"
 URL_ENV = "EFFICIENTNET_WEIGHTS_URL"  # a mirror (or a local web server) that holds the same file names
 TIMEOUT = 30  # seconds without a byte from the server before a download counts as failed
 TIME_LIMIT = 7200  # seconds for a whole download (B7 at 0.1 MB/s takes 42 minutes)
 LOG_INTERVAL = 5.0  # seconds between progress lines when stderr is a log file, not a terminal
-NAMES = "imagenet, IMAGENET1K_V1, DEFAULT, EfficientNet_B<N>_Weights.IMAGENET1K_V1 (or .DEFAULT)"
+NAMES = ("imagenet, IMAGENET1K_V1, DEFAULT, EfficientNet_B<N>_Weights.IMAGENET1K_V1, "
+         "EfficientNet_V2_<S|M|L>_Weights.IMAGENET1K_V1 (or .DEFAULT)")
 NAMES_HELP = (f"{NAMES}: torchvision's ImageNet weights for --model, from torch's cache or downloaded. "
               "All mean IMAGENET1K_V1, also DEFAULT for b1 (torchvision's DEFAULT there is V2, which "
               "needs another eval transform)")
 
-_NAME = re.compile(r"(?:efficientnet_(b[0-7])_weights\.)?(imagenet1k_v[12]|default)|imagenet")
+_NAME = re.compile(r"(?:efficientnet_(b[0-7]|v2_[sml])_weights\.)?(imagenet1k_v[12]|default)|imagenet")
 
 
 def variant_of(weights):
@@ -95,7 +101,7 @@ def resolve(weights, model=None, on_rank0=None):
                                f"names of ImageNet weights: {NAMES}")
         return weights
     if variant and model and variant != model:
-        raise WeightsError(f"--weights {weights} are EfficientNet-{variant.upper()} weights but --model is {model}: "
+        raise WeightsError(f"--weights {weights} are {title(variant)} weights but --model is {model}: "
                            f"use --model {variant}, or --weights imagenet for {model}'s")
     variant = variant or model or "b0"
     name = FILES[variant]

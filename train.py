@@ -34,7 +34,7 @@ import reports
 import runtime
 import transforms
 import utils
-from model import MAX_IMG_SIZE, MIN_IMG_SIZE, VARIANTS, create_model
+from model import MAX_IMG_SIZE, MIN_IMG_SIZE, VARIANTS, VARIANTS_HELP, create_model, title
 from saver import Saver, nothing_left
 from weight_files import load_weights
 
@@ -47,8 +47,8 @@ BEFORE_FLAG = {"drop_path": 0.2, "precise_bn": 0}
 
 
 def get_args_parser():
-    p = cli.ArgumentParser(description="Train EfficientNet B0-B7 on a folder of images.",
-                           usage="%(prog)s [--data-path DIR] [--model b0..b7] [--weights imagenet|FILE] [--epochs N]\n"
+    p = cli.ArgumentParser(description="Train EfficientNet B0-B7 or EfficientNetV2 S/M/L on a folder of images.",
+                           usage="%(prog)s [--data-path DIR] [--model b0..b7|v2_s..v2_l] [--weights imagenet|FILE] [--epochs N]\n"
                                  "                [--resume [FILE]] [--eval-only] [more flags, below]")
     data = p.add_argument_group("data")
     data.add_argument("--data-path", default=os.path.join(HERE, "data", "digits"), metavar="DIR",
@@ -60,7 +60,7 @@ def get_args_parser():
                       help="draw every class equally often in training (for very unequal class folders)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", default="b0", choices=list(VARIANTS), help="EfficientNet variant")
+    model.add_argument("--model", default="b0", choices=list(VARIANTS), help=VARIANTS_HELP)
     model.add_argument("--img-size", type=int, default=None, metavar="PX",
                        help="training resolution (default: the variant's, 224 for b0)")
     model.add_argument("--weights", default=None, metavar="imagenet|FILE",
@@ -399,7 +399,7 @@ def main(args, parser):
     run = Saver(args, models, meta, progress, optimization, data.split)
     run.start(new=resume is None)
     amp = runtime.amp_dtype(args.amp, device)
-    runtime.print0(f"EfficientNet-{args.model.upper()} at {args.img_size}px, {len(classes)} classes, "
+    runtime.print0(f"{title(args.model)} at {args.img_size}px, {len(classes)} classes, "
                    f"{len(data.split.train_images)} train / {len(data.split.val_images)} val images, device {device}"
                    f"{f' x {world} processes' if world > 1 else ''}, global batch "
                    f"{args.batch_size * world * args.grad_accum}, {args.optimizer} lr {args.lr:g}, "

@@ -7,9 +7,11 @@ into this repo's naming, checked against the network before any value is used, a
     model = load_weights(create_model(info["variant"], num_classes=5), "efficientnet_b0_rwightman-7f5810bc.pth")
 
 torchvision names a block `features.<stage>.<i>.block.<j>` with j counting its layers; the
-tutorial (and this repo) `features.<stage><letter>.block.<layer name>`: `_from_torchvision`
-renames. Which variant a file holds is read from its shapes (`_signature`), never from its name.
+tutorial (and this repo's B0-B7) `features.<stage><letter>.block.<layer name>`: `_from_torchvision`
+renames. EfficientNetV2 has torchvision's names here too, so its files load as they are. Which
+variant a file holds is read from its shapes (`variant_of`), never from its name.
 """
+import functools
 import re
 from collections import OrderedDict
 
@@ -18,10 +20,10 @@ from torch import nn
 
 from checkpoint import load_checkpoint, read_meta, tensor_problem
 from errors import WeightsError
-from model import VARIANTS, block_name, efficientnet, make_divisible, stage_repeats
+from model import V2_STAGES, VARIANTS, block_name, create_model, make_divisible, stage_repeats, title
 
 # BatchNorm eps of torchvision's weight files: B0-B4 were trained with PyTorch's default (1e-5),
-# B5-B7, ported from TensorFlow, with Keras' (1e-3, also the paper's and this repo's default)
+# B5-B7, ported from TensorFlow, with Keras' (1e-3, also the paper's and this repo's default), V2 with 1e-3
 TORCHVISION_BN_EPS = {name: 1e-5 if name in ("b0", "b1", "b2", "b3", "b4") else 1e-3 for name in VARIANTS}
 
 
@@ -54,16 +56,37 @@ def _from_torchvision(sd):
 
 
 def _signature(sd):
-    """(number of MBConv blocks, top conv width): unique for each of B0-B7."""
-    blocks = {k.split(".")[1] for k in sd if re.match(r"features\.\d+[a-z]+\.", k)}
-    top = sd.get("features.top.0.weight")
-    return len(blocks), None if top is None else top.shape[0]
+    """(blocks, stem width, width of the last conv): unique for each variant. A block is
+    `features.2a` (B0-B7 in this repo's names) or `features.2.0` (V2, as torchvision)."""
+    blocks = {m.group(1) for k in sd if (m := re.match(r"features\.(\d+[a-z]+|\d+\.\d+)\.block\.", k))}
+    stem = sd.get("features.stem_conv.0.weight", sd.get("features.0.0.weight"))
+    convs = [k for k in sd if re.fullmatch(r"features\.[1-9]\d*\.0\.weight", k)]  # V2's last conv
+    last = sd.get("features.top.0.weight", sd[max(convs, key=lambda k: int(k.split(".")[1]))] if convs else None)
+    return len(blocks), None if stem is None else stem.shape[0], None if last is None else last.shape[0]
 
 
-_SIGNATURE_TO_VARIANT = {
-    (sum(stage_repeats(v.depth)), make_divisible(1280 * v.width)): name
-    for name, v in VARIANTS.items()
-}
+@functools.cache
+def _shapes(name):
+    """Variant `name`'s state_dict on the meta device (shapes only: no memory, no computation)."""
+    with torch.device("meta"):
+        return create_model(name, num_classes=1).state_dict()
+
+
+def _planned_signature(name):
+    """_signature of variant `name`, from model.py's tables (without building the network)."""
+    if name in V2_STAGES:
+        stages = V2_STAGES[name]
+        return sum(s.repeats for s in stages), stages[0].cin, 1280
+    v = VARIANTS[name]
+    return sum(stage_repeats(v.depth)), make_divisible(32 * v.width), make_divisible(1280 * v.width)
+
+
+_SIGNATURE_TO_VARIANT = {_planned_signature(name): name for name in VARIANTS}
+
+
+def variant_of(sd):
+    """The variant whose network has `sd`'s blocks and widths (in this repo's names), or None."""
+    return _SIGNATURE_TO_VARIANT.get(_signature(sd))
 
 
 def read_weights(source, where="weights"):
@@ -89,18 +112,22 @@ def read_weights(source, where="weights"):
                            "the training that wrote it diverged; use an earlier checkpoint")
     # DDP and torch.compile add prefixes to every key
     sd = OrderedDict((re.sub(r"^(module\.|_orig_mod\.)+", "", k), v) for k, v in sd.items())
-    if "features.0.0.weight" in sd:
+    ours = "efficientnet-scripts" if "variant" in meta else None
+    if "features.0.0.weight" in sd and variant_of(sd) in V2_STAGES:  # V2: torchvision's names are ours
+        fmt = ours or "torchvision"
+    elif "features.0.0.weight" in sd:
         fmt, sd = "torchvision", _from_torchvision(sd)
     elif "features.stem_conv.0.weight" in sd:
-        fmt = "efficientnet-scripts" if "variant" in meta else "tutorial"
+        fmt = ours or "tutorial"
     else:
         raise WeightsError(f"{where} is not an EfficientNet state_dict (no stem conv among its keys)")
-    variant = _SIGNATURE_TO_VARIANT.get(_signature(sd))
+    variant = variant_of(sd)
     if variant is None:
-        raise WeightsError(f"{where} does not match any of EfficientNet B0-B7 "
-                           f"({_signature(sd)[0]} blocks, top width {_signature(sd)[1]})")
+        blocks, stem, top = _signature(sd)
+        raise WeightsError(f"{where} does not match any of EfficientNet B0-B7 or EfficientNetV2-S/M/L "
+                           f"({blocks} blocks, stem width {stem}, top width {top})")
     if problem := layout_problem(sd, variant):
-        raise WeightsError(f"{where}: {problem}; it is not a weights file of EfficientNet-{variant.upper()}")
+        raise WeightsError(f"{where}: {problem}; it is not a weights file of {title(variant)}")
     default_eps = TORCHVISION_BN_EPS[variant] if fmt == "torchvision" else 1e-3
     info = dict(meta, variant=variant, source=fmt, bn_eps=meta.get("bn_eps", default_eps),
                 num_classes=sd["classifier.1.weight"].shape[0] if "classifier.1.weight" in sd else None)
@@ -117,10 +144,8 @@ def read_weights(source, where="weights"):
 def layout_problem(sd, variant):
     """The first key of `sd` that EfficientNet `variant` has not, lacks, or holds in another shape,
     said, or None. The classifier may have any class count (and may be missing: a backbone to
-    fine-tune); its two tensors must agree. The shapes come from a model on the meta device: no
-    memory, no computation."""
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in efficientnet(variant, num_classes=1).state_dict().items()}
+    fine-tune); its two tensors must agree."""
+    expected = {k: v.shape for k, v in _shapes(variant).items()}
     head = sd.get("classifier.1.weight")
     classes = head.shape[0] if head is not None and head.dim() == 2 else "classes"
     expected["classifier.1.weight"] = [classes, expected["classifier.1.weight"][1]]
@@ -135,7 +160,6 @@ def layout_problem(sd, variant):
     return f"it lacks {missing[0]} (and {len(missing) - 1} more)" if missing else None
 
 
-
 def load_weights(model, weights, verbose=True):
     """`model` (an EfficientNet of model.py) with `weights` loaded: a path, or a loaded file (a
     state_dict or a checkpoint) in torchvision's, the tutorial's or this repo's format, and the
@@ -143,14 +167,14 @@ def load_weights(model, weights, verbose=True):
     fresh classifier; anything else that does not fit is a WeightsError."""
     sd, info = read_weights(weights)
     where = "the given weights" if isinstance(weights, dict) else str(weights)
-    name = _SIGNATURE_TO_VARIANT.get(_signature(model.state_dict()))
+    name = variant_of(model.state_dict())
     if name is None:
-        raise WeightsError(f"load_weights reads weights into EfficientNet B0-B7 of model.py, not into a "
-                           f"{type(model).__name__} of another layout")
+        raise WeightsError(f"load_weights reads weights into EfficientNet B0-B7 or EfficientNetV2 of model.py, "
+                           f"not into a {type(model).__name__} of another layout")
     num_classes = model.classifier[1].out_features
     if info["variant"] != name:
-        raise WeightsError(f"{where} holds EfficientNet-{info['variant'].upper()} weights, not "
-                           f"{name.upper()}: use --model {info['variant']}")
+        raise WeightsError(f"{where} holds {title(info['variant'])} weights, not "
+                           f"{title(name)}: use --model {info['variant']}")
     if info["num_classes"] != num_classes:
         sd = OrderedDict((k, v) for k, v in sd.items() if not k.startswith("classifier."))
         if verbose and info["num_classes"] is not None:
@@ -159,11 +183,11 @@ def load_weights(model, weights, verbose=True):
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape
-        raise WeightsError(f"{where} does not fit EfficientNet-{name.upper()}: "
+        raise WeightsError(f"{where} does not fit {title(name)}: "
                            f"{str(e).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if not k.startswith("classifier.")]
     if missing or unexpected:
-        raise WeightsError(f"{where} does not fit EfficientNet-{name.upper()}: "
+        raise WeightsError(f"{where} does not fit {title(name)}: "
                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.bn_eps = info["bn_eps"]  # the eps the file was trained with
     for m in model.modules():

@@ -767,6 +767,28 @@ def test_eval_transform_equals_torchvision_to_the_bit(interpolation):
         torch.testing.assert_close(tf.normalize(tf(photo)[None])[0], official(photo), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["b4", "v2_s", "v2_m", "v2_l"])
+def test_each_variants_eval_transform_is_its_torchvision_weights_own(name):
+    """What predict.py, train.py's evaluation and export.py's sidecar use for a raw torchvision file
+    of each variant is that file's own recipe: V2-S and V2-M resize and crop at 384 and 480
+    bilinear, V2-L 480 bicubic with mean = std = 0.5, B4 384 then 380 bicubic; the same pixels
+    as torchvision's transform but for a rounding step on under 1 % of them."""
+    import matplotlib
+    import model_files
+    photo = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")
+    official = getattr(torchvision.models, f"EfficientNet_{name.upper()}_Weights").IMAGENET1K_V1.transforms()
+    tf, resize = model_files.eval_transform({}, name)
+    assert resize == official.resize_size[0] and (tf.resize, tf.crop) == (official.resize_size[0], official.crop_size[0])
+    level = 1 / 255 / min(official.std)  # one step of a uint8 pixel, normalised
+    for img in (photo, photo.resize((300, 517))):
+        ours, theirs = tf.normalize(tf(img)[None])[0], official(img)
+        assert ours.shape == theirs.shape
+        # PyTorch's resize kernels (ours) and PIL's (the official transform's, on a PIL image)
+        # round a few pixels the other way
+        differ = (ours - theirs).abs() > 1e-5
+        assert (ours - theirs).abs().max() <= level * 1.001 and differ.float().mean() < 0.01
+
+
 def _half_black_half_white():
     img = Image.new("RGB", (64, 64), (0, 0, 0))
     img.paste((255, 255, 255), (32, 0, 64, 64))

@@ -32,14 +32,32 @@ def onnx_or_skip(fmt):
         pytest.importorskip("onnxscript", reason="onnxscript cannot be installed here (requirements-export.txt)")
 
 
+def random_weights(name):
+    """`name` with random weights and BatchNorm statistics. V2's full 3x3 convs in FusedMBConv grow
+    randomise's activations to 1e6 and more, where float rounding alone moves a logit by 3 %: V2
+    gets its own initialisation with perturbed statistics instead (logits of about 0.05)."""
+    if not name.startswith("v2_"):
+        return randomise(create_model(name, 7), seed=1)
+    torch.manual_seed(1)
+    model = create_model(name, 7, zero_init_residual=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return model
+
+
 def exported_errors(names, folder, formats):
-    """{(variant, format): largest |exported - eager| / largest |eager logit|} for B0-B7 with random
-    weights and BatchNorm statistics, folded, exported at 32 px with a dynamic batch, on a batch of 3."""
+    """{(variant, format): largest |exported - eager| / largest |eager logit|} for variants with random
+    weights and BatchNorm statistics (random_weights), folded, exported at 32 px with a dynamic batch, on a batch of 3."""
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)
     errors = {}
     for name in names:
-        model = fuse_bn(randomise(create_model(name, 7), seed=1)).eval()
+        model = fuse_bn(random_weights(name)).eval()
         with torch.no_grad():
             eager = model(x)
         program = export.export_program(model, 32, dynamic_batch=True)
@@ -52,13 +70,13 @@ def exported_errors(names, folder, formats):
 
 
 def test_variants_export_with_the_eager_outputs(tmp_path):
-    """The loaded .pt2 (ExportedProgram) and .onnx (ONNX Runtime) of B0 and B4 give the eager logits
-    within 1e-4. The variants differ only in widths and depths (and the blocks' count, which is
-    the cost of exporting), so B0 and B4, whose widths and depths both round, stand for all eight.
-    Two processes share them: exporting is single-threaded work."""
+    """The loaded .pt2 (ExportedProgram) and .onnx (ONNX Runtime) of B0, B4 and V2-S give the eager
+    logits within 1e-4. B0-B7 differ only in widths and depths (and the blocks' count, which is
+    the cost of exporting), so B0 and B4, whose widths and depths both round, stand for all eight;
+    V2-S, with FusedMBConv, for V2's three. Two processes share them: exporting is single-threaded work."""
     onnx = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime"))
     formats = ("pt2", "onnx") if onnx else ("pt2",)
-    halves = [["b4"], ["b0"]]  # 32 and 16 blocks
+    halves = [["b4", "b0"], ["v2_s"]]  # 48 and 40 blocks
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         table = {}
         for errors in pool.map(exported_errors, halves, [str(tmp_path)] * 2, [formats] * 2):

@@ -28,11 +28,14 @@ from model import VARIANTS, MBConv, create_model, efficientnet, make_divisible  
 from weight_files import load_weights, read_weights  # noqa: E402
 from conftest import randomise  # noqa: E402
 
-NAMES = list(VARIANTS)  # b0 .. b7
+NAMES = [name for name in VARIANTS if not name.startswith("v2_")]  # b0 .. b7
+V2_NAMES = ["v2_s", "v2_m", "v2_l"]
 PARAMS = {"b0": 5_288_548, "b1": 7_794_184, "b2": 9_109_994, "b3": 12_233_232,
-          "b4": 19_341_616, "b5": 30_389_784, "b6": 43_040_704, "b7": 66_347_960}
+          "b4": 19_341_616, "b5": 30_389_784, "b6": 43_040_704, "b7": 66_347_960,
+          "v2_s": 21_458_488, "v2_m": 54_139_356, "v2_l": 118_515_272}
 BLOCKS = {"b0": 16, "b1": 23, "b2": 23, "b3": 26, "b4": 32, "b5": 39, "b6": 45, "b7": 55}
-DROPOUT = {"b0": 0.2, "b1": 0.2, "b2": 0.3, "b3": 0.3, "b4": 0.4, "b5": 0.4, "b6": 0.5, "b7": 0.5}
+DROPOUT = {"b0": 0.2, "b1": 0.2, "b2": 0.3, "b3": 0.3, "b4": 0.4, "b5": 0.4, "b6": 0.5, "b7": 0.5,
+           "v2_s": 0.2, "v2_m": 0.3, "v2_l": 0.4}
 TORCHVISION_EPS = weight_files.TORCHVISION_BN_EPS  # proven by the output comparison with torchvision below
 TUTORIAL_KEYS = ["features.stem_conv.0.weight", "features.stem_conv.1.running_var",
                  "features.1a.block.dwconv.0.weight", "features.1a.block.se.fc1.weight",
@@ -80,6 +83,11 @@ def mbconv_blocks(model):
     return [(n, m) for n, m in model.features.named_children() if isinstance(m, MBConv)]
 
 
+def residual_blocks(model):
+    """MBConv and FusedMBConv blocks in order (V2 nests them in its stages)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, M.Residual)]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Batch-2 64 px work gains nothing from threads, and on a busy 2-core machine OpenMP's
@@ -103,10 +111,11 @@ def b0_file(tmp_path_factory):
 # 1. sizes
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_parameter_count(name):
-    """Every variant has the published (torchvision) parameter count at 1000 classes."""
-    assert n_params(skeleton(name)) == PARAMS[name]
+    """Every variant has the published (torchvision) parameter count at 1000 classes, as the
+    variants table (and --model's help) says."""
+    assert n_params(skeleton(name)) == PARAMS[name] == VARIANTS[name].params
     with torch.device("meta"):
         assert n_params(getattr(M, f"efficientnet_{name}")()) == PARAMS[name]
 
@@ -659,10 +668,11 @@ def test_squeeze_excite_width_is_a_quarter_of_block_input(name):
     assert b0.features.get_submodule("1a").block.se.fc1.out_channels == 32 // 4
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_stochastic_depth_rises_linearly_to_0_2(name):
-    """Drop-path probability of block i of n is 0.2 * i / n: 0 first, 0.2 * (n-1) / n last."""
-    blocks = mbconv_blocks(skeleton(name))
+    """Drop-path probability of block i of n is 0.2 * i / n: 0 first, 0.2 * (n-1) / n last (V2:
+    over its FusedMBConv and MBConv blocks together, as torchvision's)."""
+    blocks = residual_blocks(skeleton(name))
     n = len(blocks)
     probs = [b.drop_path.p for _, b in blocks]
     assert probs == pytest.approx([0.2 * i / n for i in range(n)])
@@ -689,9 +699,10 @@ def test_fresh_residual_blocks_start_as_the_identity():
     torch.testing.assert_close(loaded.state_dict(), plain.state_dict())
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_classifier_dropout_per_variant(name):
-    """Dropout before the classifier: 0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5 for B0-B7."""
+    """Dropout before the classifier: 0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5 for B0-B7; 0.2, 0.3,
+    0.4 for V2-S/M/L."""
     model = skeleton(name)
     assert isinstance(model.classifier[0], nn.Dropout) and model.classifier[0].p == DROPOUT[name]
     assert VARIANTS[name].dropout == DROPOUT[name]
@@ -710,15 +721,19 @@ def test_tutorial_calls_work():
         assert n_params(model) == PARAMS["b0"] - 1281 * (1000 - 5)  # B0; only the 1280-wide head is smaller
 
 
-@pytest.mark.parametrize("spelling", ["b0", "B0", "efficientnet_b0", "efficientnet-b0"])
+@pytest.mark.parametrize("spelling", ["b0", "B0", "efficientnet_b0", "efficientnet-b0", "v2_s", "V2-S",
+                                      "efficientnet_v2_s", "EfficientNetV2-S"])
 def test_model_name_spellings(spelling):
-    """create_model accepts b0, B0, efficientnet_b0 and efficientnet-b0 alike."""
-    assert n_params(create_model(spelling)) == PARAMS["b0"]
+    """create_model accepts b0, B0, efficientnet_b0 and efficientnet-b0 alike, and so for V2."""
+    with torch.device("meta"):
+        model = create_model(spelling)
+    assert n_params(model) == PARAMS["b0" if "0" in spelling else "v2_s"]
+    assert M.title(spelling) == ("EfficientNet-B0" if "0" in spelling else "EfficientNetV2-S")
 
 
-@pytest.mark.parametrize("bad", ["b8", "resnet50", "", "efficientnet_v2_s"])
+@pytest.mark.parametrize("bad", ["b8", "resnet50", "", "v2_x", "efficientnet_v3_s"])
 def test_unknown_model_name_lists_choices(bad):
-    """An unknown model name is a ValueError that lists b0 ... b7."""
+    """An unknown model name is a ValueError that lists b0 ... b7 and v2_s ... v2_l."""
     with pytest.raises(ValueError) as err:
         create_model(bad)
     assert all(name in str(err.value) for name in NAMES)
@@ -755,6 +770,9 @@ def test_v2_is_torchvisions_network_to_the_logit(name):
     assert sum(p.numel() for p in ours.parameters()) == V2_PARAMS[name]
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.load_state_dict(theirs.state_dict())  # strict: every name and shape
+    sd, info = read_weights(theirs.state_dict())
+    assert (info["variant"], info["source"], info["bn_eps"], info["num_classes"]) == (name, "torchvision", 1e-3, 1000)
+    assert all(torch.equal(sd[k], v) for k, v in theirs.state_dict().items())  # no renaming
     weights = getattr(torchvision.models, f"EfficientNet_{name.upper()}_Weights").IMAGENET1K_V1
     photo = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")
     x = weights.transforms()(photo)[None]
@@ -763,8 +781,23 @@ def test_v2_is_torchvisions_network_to_the_logit(name):
     assert (got - expected).abs().max() <= 1e-5, (got - expected).abs().max()
 
 
-def test_load_weights_into_a_v2_network_is_one_line(b0_file):
-    """B0-B7 files go into B0-B7 networks; into an EfficientNetV2, load_weights says so."""
+def test_weights_of_one_family_into_the_other_is_one_line(b0_file):
+    """A B0 file into an EfficientNetV2, or a V2 state dict into a B0: one line naming both and the
+    --model to use; into a network of neither family, one line too."""
     path, _ = b0_file
-    with pytest.raises(WeightsError, match="not into a EfficientNetV2 of another layout"):
+    with pytest.raises(WeightsError, match=r"holds EfficientNet-B0 weights, not EfficientNetV2-S: use --model b0$"):
         load_weights(M.efficientnet_v2_s(), path)
+    v2 = M.efficientnet_v2_s(num_classes=3).state_dict()
+    with pytest.raises(WeightsError, match=r"holds EfficientNetV2-S weights, not EfficientNet-B0: use --model v2_s$"):
+        load_weights(create_model("b0", num_classes=3), v2)
+    with pytest.raises(WeightsError, match="not into a ResNet of another layout"):
+        load_weights(torchvision.models.resnet18(), path)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_variant_is_known_by_its_shapes(name):
+    """weight_files tells a variant from the tables of model.py without building it; that is the
+    variant the built network's state_dict is read as."""
+    with torch.device("meta"):
+        sd = efficientnet(name, num_classes=7).state_dict()
+    assert weight_files.variant_of(sd) == name

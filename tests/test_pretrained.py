@@ -170,6 +170,11 @@ def test_names(cache, tmp_path, monkeypatch):
     assert pretrained.resolve("imagenet", "b4") == str(cache / files["b4"])
     assert pretrained.resolve("EfficientNet_B3_Weights.IMAGENET1K_V1", None) == str(cache / files["b3"])
     assert pretrained.resolve("EfficientNet_B1_Weights.DEFAULT", "b1") == str(cache / files["b1"])  # V1
+    assert pretrained.resolve("imagenet", "v2_l") == str(cache / files["v2_l"])
+    assert pretrained.resolve("EfficientNet_V2_S_Weights.IMAGENET1K_V1", None) == str(cache / files["v2_s"])
+    assert pretrained.resolve("efficientnet_v2_m_weights.default", "v2_m") == str(cache / files["v2_m"])
+    with pytest.raises(WeightsError, match="are EfficientNetV2-S weights but --model is b4: use --model v2_s"):
+        pretrained.resolve("EfficientNet_V2_S_Weights.IMAGENET1K_V1", "b4")
     assert files["b1"] == "efficientnet_b1_rwightman-bac287d4.pth"
     with pytest.raises(WeightsError, match="are EfficientNet-B3 weights but --model is b0: use --model b3"):
         pretrained.resolve("EfficientNet_B3_Weights.IMAGENET1K_V1", "b0")
@@ -258,25 +263,69 @@ def test_interrupted_download_leaves_nothing(cache, payload, monkeypatch):
     assert f"broke off after {len(payload) // 2:,} of {len(payload):,} bytes" in message and listing(cache) == []
 
 
-def torchvision_b0():
-    """torchvision's B0 with random weights, BatchNorm statistics that are not the identity and a
+def torchvision_net(name="b0", sharpen=300):
+    """torchvision's `name` with random weights, BatchNorm statistics that are not the identity and a
     sharper head, so that the top-5 is not a tie between near-equal probabilities."""
     torch.manual_seed(0)
-    tv = torchvision.models.efficientnet_b0(weights=None).eval()
+    tv = getattr(torchvision.models, f"efficientnet_{name}")(weights=None).eval()
     with torch.no_grad():
         for m in tv.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-        tv.classifier[1].weight.mul_(300)
+        tv.classifier[1].weight.mul_(sharpen)
     return tv
+
+
+@pytest.mark.parametrize("name", list(pretrained.FILES))
+def test_each_file_is_torchvisions(name):
+    """The file name (with its hash) and size of each variant's ImageNet weights are the ones
+    torchvision's weights enum downloads."""
+    official = getattr(torchvision.models, f"EfficientNet_{name.upper()}_Weights").IMAGENET1K_V1
+    assert pretrained.url_for(pretrained.FILES[name]) == official.url
+    assert pretrained.MEGABYTES[name] == official.meta["_file_size"]
+
+
+def test_v2_s_from_the_cache_predicts_as_torchvision_and_fine_tunes(cache, monkeypatch, tmp_path):
+    """--weights imagenet --model v2_s, the file already in the cache (no network): predict.py's
+    top-5 and probabilities are torchvision's own model's with its own transform (384 bilinear);
+    train.py fine-tunes it for an epoch with a new head, and its best.pth records V2-S's
+    preprocessing, which predict.py then uses."""
+    tv = torchvision_net("v2_s", sharpen=60)  # top-1 0.69, then 0.044, 0.033, ...
+    cache.mkdir(parents=True)
+    torch.save(tv.state_dict(), cache / pretrained.FILES["v2_s"])
+    monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", dead_url())
+    weights = torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1
+    with torch.no_grad():
+        expected = tv(weights.transforms()(Image.open(PHOTO).convert("RGB"))[None]).softmax(1)[0].topk(5)
+    result = run_script("predict.py", PHOTO, "--weights", "imagenet", "--model", "v2_s", "--topk", "5", "--json")
+    got = json.loads(result.stdout)["topk"]
+    assert [t["index"] for t in got] == expected.indices.tolist()
+    assert [t["class"] for t in got] == [weights.meta["categories"][i] for i in expected.indices]
+    assert max(abs(t["prob"] - p) for t, p in zip(got, expected.values.tolist())) < 1e-4
+    assert result.stderr == ""
+
+    data = copy_digits(tmp_path / "digits", per_class=6)
+    run = tmp_path / "run"
+    result = run_script("train.py", "--data-path", data, *FAST, "--epochs", "1", "--precise-bn", "0",
+                        "--model", "v2_s", "--weights", "imagenet", "--output-dir", run)
+    assert "EfficientNetV2-S at 32px, 3 classes" in result.stdout
+    assert "has a 1000-class head; a new 3-class classifier is initialised" in result.stdout
+    best = torch.load(run / "best.pth", weights_only=True)
+    meta = best["meta"]
+    assert (meta["variant"], meta["interpolation"], meta["eval_resize"], meta["eval_crop"], meta["bn_eps"]) == \
+        ("v2_s", "bilinear", 32, 32, 1e-3)
+    assert meta["mean"] == [0.485, 0.456, 0.406] and meta["args"]["weights"] == "imagenet"
+    assert list(best["model"]) == list(tv.state_dict())  # torchvision's names, as the file had them
+    result = run_script("predict.py", os.path.join(data, "1"), "--weights", run / "best.pth", "--json")
+    assert len(result.stdout.splitlines()) == 6 and "fused oneDNN convs" in result.stderr
 
 
 @pytest.fixture
 def cached_b0(cache, monkeypatch):
     """torchvision's B0 (random weights) in the cache under the official name, and the mirror
     pointed at a dead port: any use of the network would fail the test."""
-    tv = torchvision_b0()
+    tv = torchvision_net()
     cache.mkdir(parents=True)
     torch.save(tv.state_dict(), cache / B0)
     monkeypatch.setenv("EFFICIENTNET_WEIGHTS_URL", dead_url())
