@@ -292,6 +292,10 @@ class EfficientNet(nn.Module):
         nn.init.normal_(self.classifier[1].weight, 0, 0.01)
         nn.init.zeros_(self.classifier[1].bias)
 
+    def blocks(self):
+        """The layers in order, each recomputed on its own with grad_checkpointing: features' children."""
+        return list(self.features)
+
     def forward(self, x):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             # recompute each block's activations in backward: less memory, same gradients. The
@@ -299,7 +303,7 @@ class EfficientNet(nn.Module):
             # context_fn freezes them while it runs. Compiled, none is needed (and Dynamo refuses
             # any but selective checkpointing's): AOTAutograd applies the buffer updates once, in
             # the forward graph, and backward recomputes only the pure operations
-            for block in self.features:
+            for block in self.blocks():
                 frozen = {} if torch.compiler.is_compiling() else {
                     "context_fn": lambda b=block: (contextlib.nullcontext(), _bn_stats_frozen(b))}
                 x = checkpoint(block, x, use_reentrant=False, **frozen)
@@ -372,6 +376,10 @@ class EfficientNetV2(EfficientNet):
             if isinstance(m, (ConvBNAct, SqueezeExcite)):
                 m.lean = lean
         self.reset_parameters(zero_init_residual)
+
+    def blocks(self):
+        """The stem, each block of each stage, the last conv."""
+        return [block for layer in self.features for block in (layer if type(layer) is nn.Sequential else [layer])]
 
 
 def efficientnet_v2_s(num_classes=1000, **options): return EfficientNetV2("v2_s", num_classes=num_classes, **options)

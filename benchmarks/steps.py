@@ -30,7 +30,7 @@ import runtime
 import transforms
 from benchmarks.measuring import ROOT, Table, rss, sync, write_photos
 from inference import fuse_bn
-from model import VARIANTS, create_model
+from model import VARIANTS, create_model, title
 from my_dataset import MyDataSet
 
 
@@ -265,7 +265,7 @@ def run(args):
     device = runtime.choose_device(args.device)
     variant = VARIANTS[args.model]
     b, size = args.batch_size, args.img_size or variant.train_size
-    print(f"EfficientNet-{args.model.upper()} at {size}px, batch {b}, {device}"
+    print(f"{title(args.model)} at {size}px, batch {b}, {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, "
           f"torch {torch.__version__}, this repo's autocast: {runtime.amp_dtype(args.amp, device) or 'off'}; each contender "
           f"in its own process, median of {args.rounds} rounds of {args.steps} steps")

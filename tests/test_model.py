@@ -328,10 +328,11 @@ def _checkpointing_pair(name="b4"):
     return plain, ckpt
 
 
-def test_gradient_checkpointing_gives_same_loss_and_gradients(monkeypatch):
-    """grad_checkpointing=True (B4, training, dropout and stochastic depth live) recomputes every
-    block in backward yet yields the same loss and gradients as plain training."""
-    plain, ckpt = _checkpointing_pair()
+@pytest.mark.parametrize("name", ["b4", "v2_s"])
+def test_gradient_checkpointing_gives_same_loss_and_gradients(monkeypatch, name):
+    """grad_checkpointing=True (B4 and V2-S, training, dropout and stochastic depth live) recomputes
+    every block in backward yet yields the same loss and gradients as plain training."""
+    plain, ckpt = _checkpointing_pair(name)
     calls = []
 
     def counting_checkpoint(fn, *args, **kwargs):
@@ -352,7 +353,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(monkeypatch):
     loss_a, grads_a = _train_step(plain, x, y, seed=0)
     assert any(dropped), "stochastic depth should drop a residual branch with this seed"
     loss_b, grads_b = _train_step(ckpt, x, y, seed=0)
-    assert len(calls) == len(ckpt.features), "every block should go through checkpoint()"
+    assert len(calls) == {"b4": 32, "v2_s": 40}[name] + 2, "every block should go through checkpoint()"
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-6)
     assert grads_a.keys() == grads_b.keys()
     for key in grads_a:
@@ -413,26 +414,29 @@ def _without_randomness(model):
     return model
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_training_step_matches_torchvision(channels_last):
+@pytest.mark.parametrize("name, channels_last", [("b0", False), ("b0", True), ("v2_s", True)],
+                         ids=["b0-nchw", "b0-channels_last", "v2_s-channels_last"])
+def test_training_step_matches_torchvision(name, channels_last):
     """The lean training path (BatchNormSiLU, SigmoidGate) computes what torchvision's autograd
-    computes: the same loss, the same gradients for every parameter, the same BN statistics."""
+    computes: the same loss, the same gradients for every parameter, the same BN statistics; in
+    B0 and in V2-S (FusedMBConv's layers are ConvBNAct, lean too)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    tv = torchvision.models.efficientnet_b0()
+    tv = getattr(torchvision.models, f"efficientnet_{name}")()
     randomise(tv, seed=8)
-    ours = load_weights(create_model("b0"), tv.state_dict())
+    ours = load_weights(create_model(name), tv.state_dict())
+    rename = weight_files._from_torchvision if name.startswith("b") else dict
     tv, ours = (_without_randomness(m).to(memory_format=fmt).train() for m in (tv, ours))
     x, y = image().contiguous(memory_format=fmt), torch.tensor([1, 3])
 
     loss_tv, grads_tv = _train_step(tv, x, y, seed=0)
     loss, grads = _train_step(ours, x, y, seed=0)
     torch.testing.assert_close(loss, loss_tv, rtol=1e-6, atol=1e-6)
-    grads_tv = weight_files._from_torchvision(grads_tv)
+    grads_tv = rename(grads_tv)
     assert grads.keys() == grads_tv.keys()
     scale = max(g.abs().max() for g in grads_tv.values())  # some BN-bias gradients are ~0: float noise
     for key in grads:
         torch.testing.assert_close(grads[key], grads_tv[key], rtol=1e-4, atol=1e-5 * scale, msg=key)
-    buffers_tv = weight_files._from_torchvision(dict(tv.named_buffers()))
+    buffers_tv = rename(dict(tv.named_buffers()))
     for key, value in ours.named_buffers():
         torch.testing.assert_close(value, buffers_tv[key], rtol=1e-5, atol=1e-6, msg=key)
 
@@ -639,7 +643,7 @@ def test_make_divisible_rounds_to_multiples_of_8_never_10_percent_down():
     """Channel rounding: multiples of 8, never below 90 % of the request, same as torchvision."""
     from torchvision.models._utils import _make_divisible
     b0_widths = (32, 16, 24, 40, 80, 112, 192, 320, 1280)
-    requests = [c / 10 for c in range(1, 30000)] + [c * v.width for c in b0_widths for v in VARIANTS.values()]
+    requests = [c / 10 for c in range(1, 30000)] + [c * v.width for c in b0_widths for v in VARIANTS.values() if v.width]
     for c in requests:
         r = make_divisible(c)
         assert r % 8 == 0 and r >= 0.9 * c and r == _make_divisible(c, 8), c

@@ -79,6 +79,19 @@ def test_benchmark_runs_every_row_with_positive_ratios(tmp_as_tmpdir):
     assert all(r[1] > 0 and r[2] > 0 and r[3] in ("img/s", "MiB") and r[4] > 0 for r in rows), out
 
 
+def test_benchmark_versus_times_both_variants_on_both_paths():
+    """benchmark.py --model b0 --versus v2_s at a toy size: predict's and training's rows, B0 in the
+    baseline column, V2-S in this repo's, each figure positive and the ratio theirs."""
+    out = run_script("benchmark.py", "--model", "b0", "--versus", "v2_s", "--img-size", "32", "--batch-size", "2",
+                     "--steps", "1", "--rounds", "1", "--device", "cpu", timeout=300).stdout
+    assert "EfficientNet-B0 (baseline column) against EfficientNetV2-S (this repo's column)" in out
+    rows = table(out)
+    assert [r[0] for r in rows] == ["predict, batch of 2 (b0 at 32 px, v2_s at 32 px)",
+                                    "training step (b0 at 32 px, v2_s at 32 px)"], out
+    assert all(base > 0 and ours > 0 and unit == "img/s" and ratio == pytest.approx(ours / base, rel=0.02)
+               for _, base, ours, unit, ratio in rows), out
+
+
 def test_the_peer_programs_import_nothing_of_this_repo():
     """The programs the modes time this repo against stand for other projects' code: a module of
     this repo's imported there would time this repo's way under their name. They are the files
