@@ -47,13 +47,7 @@ def get_args_parser():
                            usage="%(prog)s PATH [PATH ...] --weights FILE|imagenet [--topk N] [--json] "
                                  "[more flags, below]")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    p.add_argument("--weights", metavar="FILE|imagenet",
-                   help="(required) best.pth from train.py, its export (.onnx, .pt2), a torchvision or tutorial "
-                        "state_dict, or " + pretrained.NAMES_HELP)
-    p.add_argument("--model", default=None, choices=list(VARIANTS),
-                   help="variant (default: read from the weights; with --weights imagenet, b0); " + VARIANTS_HELP)
-    p.add_argument("--class-indices", default=None,
-                   help="class_indices.json with the class names (default: from the checkpoint, or beside it)")
+    add_model_flags(p)
     p.add_argument("--topk", type=int, default=1, help="how many classes to show per image")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the predictions to this CSV file")
@@ -74,6 +68,17 @@ def get_args_parser():
                    "on GPUs; on a CPU no faster than fp32's fused oneDNN path. Probabilities differ from fp32's by "
                    "up to 0.02, and the top class of a near tie can change")
     return p
+
+
+def add_model_flags(p):
+    """--weights, --model and --class-indices: what to predict with (serve.py's too)."""
+    p.add_argument("--weights", metavar="FILE|imagenet",
+                   help="(required) best.pth from train.py, its export (.onnx, .pt2), a torchvision or tutorial "
+                        "state_dict, or " + pretrained.NAMES_HELP)
+    p.add_argument("--model", default=None, choices=list(VARIANTS),
+                   help="variant (default: read from the weights; with --weights imagenet, b0); " + VARIANTS_HELP)
+    p.add_argument("--class-indices", default=None,
+                   help="class_indices.json with the class names (default: from the checkpoint, or beside it)")
 
 
 def expand_paths(patterns):

@@ -44,7 +44,7 @@ def test_keep_freed_memory_keeps_blocks_for_reuse():
 
 # a row of benchmark.py's table, the same in every mode: name, the baseline's figure, this repo's,
 # the unit, the ratio; "-" for a figure that does not exist
-ROW = re.compile(r"^(.+?)\s+([\d.]+|-)\s+([\d.]+|-)\s+(img/s|MiB|s)\s+(?:([\d.]+)x|-)$", re.M)
+ROW = re.compile(r"^(.+?)\s+([\d.]+|-)\s+([\d.]+|-)\s+(img/s|MiB|ms|s)\s+(?:([\d.]+)x|-)$", re.M)
 HEADER = re.compile(r"^.+\S\s+baseline\s+this repo\s+unit\s+(ratio|speed-up)$", re.M)
 
 

@@ -59,9 +59,11 @@ def test_imports_between_the_scripts_run_one_way():
     assert {"train", "predict", "export", "utils", "model"} <= set(graph)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
-    # the entry points sit on top: nothing imports them but the benchmark, which times them
-    for script in ("train", "predict", "export"):
-        users = sorted(m for m, deps in graph.items() if script in deps and not m.startswith("benchmark"))
+    # the entry points sit on top: nothing imports them but the benchmark, which times them, and
+    # serve.py, whose answers are predict.py's by construction (its own functions, not a copy)
+    for script in ("train", "predict", "export", "serve"):
+        users = sorted(m for m, deps in graph.items() if script in deps and not m.startswith("benchmark")
+                       and (m, script) != ("serve", "predict"))
         assert not users, f"{script}.py is imported by {users}"
 
 
