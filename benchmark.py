@@ -10,6 +10,8 @@ in a file of benchmarks/:
     python benchmark.py --startup 10000      # startup.py: launch to the first step on 10,000 files
     python benchmark.py --loader --data-path DIR --workers 1   # loader.py: the data pipeline, img/s per core
     python benchmark.py --device cuda --quick   # quick.py: what a GPU does with this repo, in minutes
+    python benchmark.py --model b4 --versus v2_s --batch-size 8   # versus.py: two variants, predict and train
+    python benchmark.py --serve --images 200  # serve.py: requests/s and latency at 1 and 8 clients, batched or not
 
 Each prints the CPU (every figure hangs on it), a line on what it compares, then its rows in one
 format (benchmarks/measuring.py's Table): name, the baseline's figure, this repo's, the unit and
@@ -25,7 +27,7 @@ import sys
 import cli
 import errors
 import runtime
-from benchmarks import loader, quick, startup, steps, time_to_accuracy, whole
+from benchmarks import loader, quick, serve, startup, steps, time_to_accuracy, versus, whole
 from model import VARIANTS
 
 
@@ -65,10 +67,17 @@ def get_args_parser():
                    help="what a GPU does with this repo in a few minutes, with --device cuda: training steps at "
                         "batch 16 and 256, a profile of one, the loader, whole train.py against the tutorial's loop "
                         "(and --timm-train's) (benchmarks/quick.py)")
+    p.add_argument("--versus", choices=list(VARIANTS), metavar="MODEL",
+                   help="only time predict.py's and train.py's steps of --model against MODEL's (e.g. --model b4 "
+                        "--versus v2_s), each at its own sizes or both at --img-size (benchmarks/versus.py)")
+    p.add_argument("--serve", action="store_true",
+                   help="only time serve.py under load: requests/s and p50/p95 latency at 1 and 8 clients, batched "
+                        "against --max-batch 1, and predict.py's path over the same --images JPEGs of 500x375 at "
+                        "--img-size (benchmarks/serve.py)")
     p.add_argument("--timm-train", metavar="PATH", help="--quick: timm's train.py, to time against train.py")
     p.add_argument("--images", type=int, default=1000,
                    help="--whole: the JPEGs that predict.py reads from best.pth and ONNX Runtime from its export "
-                        "(0: leave that row out)")
+                        "(0: leave that row out); --serve: the JPEGs of each pass")
     p.add_argument("--data-path", help="--whole, --time-to-accuracy: the folder to train on (default: the bundled "
                                        "digits); --loader: the images to read")
     # a child process of the default mode, measuring one contender: see steps.run_contender
@@ -104,6 +113,10 @@ def mode(args):
         return loader
     if args.quick:
         return quick
+    if args.versus:
+        return versus
+    if args.serve:
+        return serve
     return steps
 
 
