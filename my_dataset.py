@@ -38,11 +38,12 @@ def shape_problem(width, height):
     return None
 
 
-def load_rgb(path, draft_size=None):
-    """Open `path` as an RGB image. `draft_size` lets a large JPEG decode at 1/2, 1/4 or 1/8 of
+def load_rgb(path, draft_size=None, formats=None):
+    """Open `path` (a file name or a file object) as an RGB image, read by the Pillow plug-ins of
+    `formats` alone when given (e.g. ["JPEG", "PNG"]). `draft_size` lets a large JPEG decode at 1/2, 1/4 or 1/8 of
     its size, never smaller than draft_size on either side, which is far faster than a full decode.
     Sizes that shape_problem refuses raise ValueError before any pixel is decoded."""
-    with Image.open(path) as img:
+    with Image.open(path, formats=formats) as img:
         if problem := shape_problem(*img.size):
             raise ValueError(problem)
         if draft_size and img.format == "JPEG":

@@ -209,9 +209,7 @@ class Predictor:
         if not data:
             raise Refusal(400, f"{name} is empty: send the image's bytes")
         try:
-            with Image.open(io.BytesIO(data), formats=FORMATS):
-                pass  # the header alone: the format, and the pixel limit
-            return self.transform(load_rgb(io.BytesIO(data), self.draft_size))
+            return self.transform(load_rgb(io.BytesIO(data), self.draft_size, FORMATS))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise Refusal(413, f"{name} has too many pixels ({e})") from None
         except UnidentifiedImageError:
